@@ -1,0 +1,291 @@
+"""The functional AdEMAMix step: one call updates many parameters in place.
+
+`ademamix()` validates its arguments, then hands the tensor lists to one backend:
+
+- "cuda":    the compiled op `torch.ops.ademamix.step_` (one pass over all tensors),
+- "triton":  the Triton kernels in `ademamix_cuda.triton_kernels` (one pass over all tensors),
+- "foreach": torch._foreach_* ops over the lists (several passes, any device),
+- "single":  the same torch ops applied one tensor at a time (any device, the slowest).
+
+Lists travel in the order params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps.
+The kernel backends check the tensors themselves (in C++ or once per cached launch plan); the
+torch paths are checked here.
+"""
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from .schedules import alpha_at, beta3_at, bias_corrections
+
+__all__ = ["ademamix", "check_hyperparameters"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_hyperparameters(*, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
+                          weight_decay):
+    """Raises ValueError naming the first hyperparameter out of its domain."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element, got shape {list(lr.shape)}")
+        # A device lr is not read back here (that would synchronize with the device), nor a
+        # traced one under torch.compile.
+        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not lr.item() >= 0.0):
+            raise ValueError(f"Invalid learning rate: {lr.item()} (must be >= 0)")
+    elif not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if not eps >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    for i, beta in enumerate((beta1, beta2, beta3)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    if not alpha >= 0.0:
+        raise ValueError(f"Invalid alpha value: {alpha} (must be >= 0)")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    for name, warmup in (("beta3_warmup", beta3_warmup), ("alpha_warmup", alpha_warmup)):
+        if warmup is not None and not warmup > 0:
+            raise ValueError(f"Invalid {name}: {warmup} (must be a positive number of steps or None)")
+
+
+def _check_tensors(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps):
+    """Full per-tensor checks for the torch paths (the kernels make the same checks natively)."""
+    device = params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.is_complex():
+            raise TypeError(f"AdEMAMix does not support complex parameters (param {i} is {p.dtype})")
+        if g.is_sparse:
+            raise RuntimeError(f"AdEMAMix does not support sparse gradients (grad {i})")
+        if p.device != device or g.device != device:
+            raise RuntimeError(
+                f"all params and grads of one call must be on one device: param 0 is on {device}, "
+                f"param {i} on {p.device}, grad {i} on {g.device}")
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise RuntimeError(
+                f"grad {i} must match its param: grad is {g.dtype}{list(g.shape)}, "
+                f"param is {p.dtype}{list(p.shape)}")
+        for name, states in (("exp_avg_fast", exp_avg_fasts), ("exp_avg_slow", exp_avg_slows),
+                             ("exp_avg_sq", exp_avg_sqs)):
+            if states and (states[i].shape != p.shape or states[i].device != device):
+                raise RuntimeError(
+                    f"{name} {i} must have its param's shape and device: it is {list(states[i].shape)} "
+                    f"on {states[i].device}, the param is {list(p.shape)} on {device}")
+        if state_steps[i].numel() != 1:
+            raise RuntimeError(f"state_steps[{i}] must hold one number, got shape {list(state_steps[i].shape)}")
+
+
+def ademamix(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg_fasts: Sequence[Tensor | None] | None,
+    exp_avg_slows: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    beta3_warmup: int | None,
+    alpha_warmup: int | None,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One AdEMAMix step, in place, for every (param, grad, states, step) of the lists.
+
+    `state_steps` are 0-d float32 tensors counting the steps taken; each is incremented before it
+    is used (the first step has t = 1), unless `found_inf` is nonzero, which skips the whole step.
+    When beta1 == 0, `exp_avg_fasts` is None (or a list of None): no fast EMA exists.
+    `grad_scale` divides every gradient (GradScaler's unscale, fused into the step).
+    """
+    check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
+                          beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
+                          weight_decay=weight_decay)
+    n = len(params)
+    if exp_avg_fasts is None or all(m is None for m in exp_avg_fasts):
+        if beta1 != 0.0:
+            raise ValueError(f"exp_avg_fasts are required when beta1 != 0 (beta1 = {beta1})")
+        exp_avg_fasts = []
+    elif beta1 == 0.0:
+        raise ValueError("beta1 == 0 uses no exp_avg_fast buffers: pass None")
+    lengths = [len(grads), len(exp_avg_fasts) if beta1 != 0.0 else n, len(exp_avg_slows),
+               len(exp_avg_sqs), len(state_steps)]
+    if any(length != n for length in lengths):
+        raise ValueError(f"the tensor lists must have one entry per param ({n}); got lengths "
+                         f"grads {lengths[0]}, exp_avg_fasts {lengths[1]}, exp_avg_slows {lengths[2]}, "
+                         f"exp_avg_sqs {lengths[3]}, state_steps {lengths[4]}")
+    if n == 0:
+        return
+    if backend not in ("auto",) + backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of 'auto', "
+                         f"{', '.join(map(repr, backends.BACKENDS))}")
+    lists = [list(params), list(grads), list(exp_avg_fasts), list(exp_avg_slows), list(exp_avg_sqs),
+             list(state_steps)]
+    device = lists[0][0].device
+    name = backends.resolve(backend, device)
+    if name in ("single", "foreach"):
+        _check_tensors(*lists)
+    else:
+        # The kernels check the rest; a device mix must be caught before dispatch, which would
+        # route a call holding one meta tensor to the (no-op) fake kernel.
+        devices = {t.device for tensors in lists[:5] for t in tensors}
+        if len(devices) > 1:
+            raise RuntimeError("all tensors of one call must be on one device, got "
+                               f"{sorted(map(str, devices))}")
+    dtype = lists[0][0].dtype
+    run(name, lists, one_dtype=all(p.dtype == dtype for p in lists[0]), lr=lr, beta1=beta1,
+        beta2=beta2, beta3=beta3, alpha=alpha, beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup,
+        eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf)
+
+
+def run(name, lists, *, one_dtype, **hyper):
+    """Runs backend `name` on checked `lists` (exp_avg_fasts an empty list when beta1 == 0).
+
+    `one_dtype` says all params share a dtype; else the kernel backends run once per dtype.
+    """
+    if name in ("single", "foreach"):
+        _torch_step(*lists, per_tensor=(name == "single"), **hyper)
+        return
+    kernel = _cuda_step if name == "cuda" else _triton_step
+    if one_dtype:
+        kernel(*lists, **hyper)
+        return
+    present = [i for i, tensors in enumerate(lists) if tensors]
+    grouped = Optimizer._group_tensors_by_device_and_dtype([lists[i] for i in present])
+    for group_lists, _ in grouped.values():
+        call = [[] for _ in lists]
+        for i, group_list in zip(present, group_lists):
+            call[i] = group_list
+        kernel(*call, **hyper)
+
+
+def _cuda_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
+               **hyper):
+    op = torch.ops.ademamix.step_
+    if isinstance(lr, Tensor):
+        if lr.device == params[0].device:
+            op = op.tensor_lr
+        else:
+            lr = lr.item()  # a CPU lr for device params: reading it costs no device sync
+    op(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr, **hyper)
+
+
+def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
+                 **hyper):
+    from .triton_kernels import ademamix_step_
+
+    if isinstance(lr, Tensor) and lr.device != params[0].device:
+        lr = lr.item()
+    ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr,
+                   **hyper)
+
+
+class _PerTensorOps:
+    """The torch ops of the update applied to one tensor at a time ("single")."""
+
+    mul_ = staticmethod(Tensor.mul_)
+    add_ = staticmethod(Tensor.add_)
+    addcmul_ = staticmethod(Tensor.addcmul_)
+    div_ = staticmethod(Tensor.div_)
+    mul = staticmethod(torch.mul)
+    div = staticmethod(torch.div)
+    sqrt = staticmethod(torch.sqrt)
+    neg = staticmethod(torch.neg)
+
+
+class _ForeachOps:
+    """The same ops over tensor lists, with per-tensor scalars as lists ("foreach")."""
+
+    mul_ = staticmethod(torch._foreach_mul_)
+    add_ = staticmethod(torch._foreach_add_)
+    addcmul_ = staticmethod(torch._foreach_addcmul_)
+    div_ = staticmethod(torch._foreach_div_)
+    mul = staticmethod(torch._foreach_mul)
+    div = staticmethod(torch._foreach_div)
+    sqrt = staticmethod(torch._foreach_sqrt)
+    neg = staticmethod(torch._foreach_neg)
+
+
+def _update(ops, p, g, m1, m2, nu, *, lr, beta1, beta2, beta3_t, one_minus_beta3_t, alpha_t, bc1,
+            sqrt_bc2, eps, weight_decay):
+    """The AdEMAMix update written once for torch: `ops` applies each op per tensor or per list.
+
+    The scalars that depend on the step (beta3_t, alpha_t, bc1, sqrt_bc2) are floats for one
+    tensor or lists of floats for a list of tensors.
+    """
+    if m1 is None:
+        m1 = g
+    else:
+        ops.mul_(m1, beta1)
+        ops.add_(m1, g, alpha=1.0 - beta1)
+    ops.mul_(m2, beta3_t)
+    ops.add_(m2, ops.mul(g, one_minus_beta3_t))
+    ops.mul_(nu, beta2)
+    ops.addcmul_(nu, g, g, value=1.0 - beta2)
+    denom = ops.sqrt(nu)
+    ops.div_(denom, sqrt_bc2)
+    ops.add_(denom, eps)
+    update = ops.div(m1, bc1)
+    ops.add_(update, ops.mul(m2, alpha_t))
+    ops.div_(update, denom)
+    if weight_decay != 0.0:
+        ops.add_(update, p, alpha=weight_decay)
+    ops.add_(p, update, alpha=-lr)
+
+
+def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *,
+                per_tensor, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
+                weight_decay, maximize, grad_scale, found_inf):
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    lr = float(lr)
+    # Low-precision params are updated through fp32 copies; the states are fp32 already.
+    low = [p.dtype in _LOW_PRECISION for p in params]
+    work_params = [p.float() if is_low else p for p, is_low in zip(params, low)]
+    work_grads = [g.float() if is_low else g for g, is_low in zip(grads, low)]
+    if grad_scale is not None:
+        scale = grad_scale.reshape(())  # a [1]-shaped scale must not turn 0-d grads into [1]
+        work_grads = [g / scale.to(g.device) for g in work_grads]
+    if maximize:
+        work_grads = [-g for g in work_grads]
+    torch._foreach_add_(state_steps, 1.0)
+    steps = [s.item() for s in state_steps]
+    scalars = {"beta3_t": [], "one_minus_beta3_t": [], "alpha_t": [], "bc1": [], "sqrt_bc2": []}
+    for t in steps:
+        beta3_t = beta3_at(t, beta1, beta3, beta3_warmup)
+        bc1, bc2 = bias_corrections(t, beta1, beta2)
+        scalars["beta3_t"].append(beta3_t)
+        scalars["one_minus_beta3_t"].append(1.0 - beta3_t)
+        scalars["alpha_t"].append(alpha_at(t, alpha, alpha_warmup))
+        scalars["bc1"].append(bc1)
+        scalars["sqrt_bc2"].append(math.sqrt(bc2))
+    fasts = exp_avg_fasts or [None] * len(params)
+    constants = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if per_tensor:
+        for i, (p, g, m1, m2, nu) in enumerate(zip(work_params, work_grads, fasts, exp_avg_slows,
+                                                   exp_avg_sqs)):
+            _update(_PerTensorOps, p, g, m1, m2, nu, **{k: v[i] for k, v in scalars.items()}, **constants)
+    else:
+        grouped = Optimizer._group_tensors_by_device_and_dtype(
+            [work_params, work_grads, exp_avg_slows, exp_avg_sqs] + ([fasts] if exp_avg_fasts else []),
+            with_indices=True)
+        for group_lists, indices in grouped.values():
+            p, g, m2, nu = group_lists[:4]
+            m1 = group_lists[4] if exp_avg_fasts else None
+            _update(_ForeachOps, p, g, m1, m2, nu, **{k: [v[i] for i in indices] for k, v in scalars.items()},
+                    **constants)
+    for p, work, is_low in zip(params, work_params, low):
+        if is_low:
+            p.copy_(work)  # rounds to nearest even

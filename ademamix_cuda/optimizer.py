@@ -1,0 +1,255 @@
+"""AdEMAMix as a torch.optim.Optimizer: a drop-in replacement for the authors' class."""
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends, functional
+
+__all__ = ["AdEMAMix"]
+
+_STATE_TENSORS = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+_KERNEL_BACKENDS = ("cuda", "triton")
+# Settings of how a group runs, not of the optimization: a loaded state_dict keeps ours.
+_EXECUTION_KEYS = ("backend",)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """States are fp32 for bf16/fp16 params (a bf16 slow EMA stalls), else the param dtype."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+@dataclass
+class _Plan:
+    """The lists one group hands to the backend, kept while the group's shape does not change."""
+
+    has_grad: list  # which of group["params"] had a grad when the plan was made
+    beta1_zero: bool
+    backend_setting: str
+    backend: str
+    one_dtype: bool
+    params: list
+    exp_avg_fasts: list
+    exp_avg_slows: list
+    exp_avg_sqs: list
+    state_steps: list
+
+
+class AdEMAMix(Optimizer):
+    """AdEMAMix (Pagliardini, Ablin, Grangier, ICLR 2025): Adam plus a slow EMA of the gradients.
+
+    Arguments, defaults and state keys ("step", "exp_avg_fast", "exp_avg_slow", "exp_avg_sq") are
+    those of the authors' PyTorch class, and so are the numbers. `t_alpha` / `t_beta3` are
+    accepted as aliases of `alpha_warmup` / `beta3_warmup`.
+
+    backend: "auto" (the CUDA kernel for cuda tensors when the extension is built, else the
+    Triton kernel, else foreach; foreach for other devices), "cuda", "triton", "foreach" or
+    "single". An explicit backend that cannot run raises an error naming what is missing.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
+                 alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False, backend="auto",
+                 t_alpha=None, t_beta3=None):
+        alpha_warmup = _alias("alpha_warmup", alpha_warmup, "t_alpha", t_alpha)
+        beta3_warmup = _alias("beta3_warmup", beta3_warmup, "t_beta3", t_beta3)
+        defaults = dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
+                        alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, backend=backend)
+        self._plans: dict[int, _Plan] = {}
+        self.backend_used: str | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._plans.clear()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._plans = {}
+        self.backend_used = getattr(self, "backend_used", None)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            grads = [p.grad for p in group["params"]]
+            plan = self._plan(index, group, grads)
+            if plan is None:
+                continue
+            if not all(plan.has_grad):
+                grads = [g for g in grads if g is not None]
+            beta1, beta2, beta3 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
+                         beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
+                         eps=group["eps"], weight_decay=group["weight_decay"],
+                         maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+            functional.check_hyperparameters(**{k: hyper[k] for k in _HYPER_KEYS})
+            lists = [plan.params, grads, plan.exp_avg_fasts, plan.exp_avg_slows, plan.exp_avg_sqs,
+                     plan.state_steps]
+            if plan.backend not in _KERNEL_BACKENDS:
+                functional._check_tensors(*lists)
+            functional.run(plan.backend, lists, one_dtype=plan.one_dtype, **hyper)
+            self.backend_used = plan.backend
+        return loss
+
+    def _plan(self, index, group, grads):
+        """The cached lists of a group, rebuilt when its params with grads, beta1 == 0 or backend
+        changed (or after load_state_dict / add_param_group)."""
+        has_grad = [g is not None for g in grads]
+        beta1_zero = group["betas"][0] == 0.0
+        plan = self._plans.get(index)
+        if (plan is not None and plan.has_grad == has_grad and plan.beta1_zero == beta1_zero
+                and plan.backend_setting == group["backend"]):
+            return plan
+        if not any(has_grad):
+            return None
+        params = [p for p, has in zip(group["params"], has_grad) if has]
+        grads = [g for g in grads if g is not None]
+        # Check everything before the first state is created: a bad call changes nothing.
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if p.is_complex():
+                raise TypeError(f"AdEMAMix does not support complex parameters (got {p.dtype})")
+            if g.is_sparse:
+                raise RuntimeError("AdEMAMix does not support sparse gradients")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"a grad must match its param: grad is {g.dtype}{list(g.shape)} on {g.device}, "
+                    f"param is {p.dtype}{list(p.shape)} on {p.device}")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise RuntimeError("all params of one param group must be on one device, got "
+                               f"{sorted(map(str, devices))}")
+        device = params[0].device
+        backend = backends.resolve(group["backend"], device)
+        step_device = device if backend in _KERNEL_BACKENDS else torch.device("cpu")
+        for p in params:
+            self._init_state(p, beta1_zero, step_device)
+        states = [self.state[p] for p in params]
+        plan = _Plan(
+            has_grad=has_grad, beta1_zero=beta1_zero, backend_setting=group["backend"],
+            backend=backend, one_dtype=len({p.dtype for p in params}) == 1, params=params,
+            exp_avg_fasts=[] if beta1_zero else [s["exp_avg_fast"] for s in states],
+            exp_avg_slows=[s["exp_avg_slow"] for s in states],
+            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+            state_steps=[s["step"] for s in states])
+        self._plans[index] = plan
+        return plan
+
+    def _init_state(self, p, beta1_zero, step_device):
+        state = self.state[p]
+        zeros = lambda: torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg_fast"] = None if beta1_zero else zeros()
+            state["exp_avg_slow"] = zeros()
+            state["exp_avg_sq"] = zeros()
+            return
+        step = state["step"]
+        if not isinstance(step, Tensor):  # the authors' class counts steps in a Python int
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
+        elif step.device != step_device or step.dtype != torch.float32:
+            state["step"] = step.to(device=step_device, dtype=torch.float32)
+        if not beta1_zero and state.get("exp_avg_fast") is None:
+            state["exp_avg_fast"] = zeros()  # beta1 became nonzero: the fast EMA starts now
+
+    def load_state_dict(self, state_dict):
+        _check_state_dict(self, state_dict)
+        execution = [{k: g[k] for k in _EXECUTION_KEYS} for g in self.param_groups]
+        saved_states = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts state tensors to the param dtype (bf16 states for bf16 params, losing bits)
+        # and may alias the given tensors: take our own fp32 copies of the saved values instead.
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for index, saved in saved_states.items():
+            p = params[index]
+            state = self.state[p]
+            for key in _STATE_TENSORS:
+                if isinstance(saved.get(key), Tensor):
+                    state[key] = saved[key].to(device=p.device, dtype=_state_dtype(p), copy=True)
+            step = saved["step"]
+            state["step"] = (step.detach().to(dtype=torch.float32, copy=True) if isinstance(step, Tensor)
+                             else torch.tensor(float(step), dtype=torch.float32))
+        for group, kept in zip(self.param_groups, execution):
+            group.update(kept)
+        self._plans.clear()
+
+
+_HYPER_KEYS = ("lr", "beta1", "beta2", "beta3", "alpha", "beta3_warmup", "alpha_warmup", "eps",
+               "weight_decay")
+
+
+def _alias(name, value, alias, alias_value):
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise ValueError(f"{name}={value} and its alias {alias}={alias_value} disagree")
+    return alias_value
+
+
+def _check_group(group):
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+        raise ValueError(f"betas must be (beta1, beta2, beta3), got {betas!r}")
+    functional.check_hyperparameters(
+        lr=group["lr"], beta1=betas[0], beta2=betas[1], beta3=betas[2], alpha=group["alpha"],
+        beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"], eps=group["eps"],
+        weight_decay=group["weight_decay"])
+    if group["backend"] not in ("auto",) + backends.BACKENDS:
+        raise ValueError(f"unknown backend {group['backend']!r}: choose one of 'auto', "
+                         f"{', '.join(map(repr, backends.BACKENDS))}")
+
+
+def _check_state_dict(optimizer, state_dict):
+    """Raises ValueError for a state_dict that is not an AdEMAMix state of these params."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state_dict: expected the keys 'state' and 'param_groups'")
+    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}")
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise ValueError(f"the state_dict's param groups hold {saved_sizes} params, this optimizer's {sizes}")
+    params, beta1_of = [], []
+    for group, saved_group in zip(groups, saved_groups):
+        missing = [k for k in ("lr", "betas", "alpha", "eps", "weight_decay") if k not in saved_group]
+        if missing:
+            raise ValueError(f"not an AdEMAMix state_dict: a param group lacks {missing}")
+        _check_group({**optimizer.defaults, **saved_group, "backend": group["backend"]})
+        params += group["params"]
+        beta1_of += [saved_group["betas"][0]] * len(group["params"])
+    for index, saved in state_dict["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"the state_dict holds state for parameter {index!r}, which this optimizer lacks")
+        p = params[index]
+        missing = [k for k in ("step", "exp_avg_slow", "exp_avg_sq") if k not in saved]
+        if missing:
+            raise ValueError(f"not an AdEMAMix state: parameter {index} lacks {missing} "
+                             f"(it has {sorted(saved)})")
+        for key in _STATE_TENSORS:
+            value = saved.get(key)
+            if value is None:
+                if key != "exp_avg_fast" or beta1_of[index] != 0.0:
+                    raise ValueError(f"parameter {index}: {key!r} is missing but beta1 = {beta1_of[index]}")
+                continue
+            if not isinstance(value, Tensor) or value.shape != p.shape:
+                shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"parameter {index}: {key!r} has shape {shape}, the parameter {list(p.shape)}")

@@ -1,0 +1,305 @@
+// The AdEMAMix step, once: plan records, hyperparameters, the per-chunk scalar setup and the
+// element-wise math. Compiled by nvcc for the CUDA kernel and by the host compiler for the CPU
+// kernel, so both backends run the same code on the same chunk decomposition.
+// No torch headers here: the .cu that includes this stays cheap to compile.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define ADEMAMIX_HD __host__ __device__ __forceinline__
+#define ADEMAMIX_UNROLL _Pragma("unroll")
+#else
+#define ADEMAMIX_HD inline
+#define ADEMAMIX_UNROLL
+#endif
+
+namespace ademamix {
+
+// Which tensor list is which, in the order every interface uses.
+constexpr int kParamIdx = 0;
+constexpr int kGradIdx = 1;
+constexpr int kExpAvgFastIdx = 2;  // m1; absent (null) when beta1 == 0
+constexpr int kExpAvgSlowIdx = 3;  // m2
+constexpr int kExpAvgSqIdx = 4;    // nu
+constexpr int kNumLists = 5;
+
+// A chunk is the work of one CUDA block. 16K elements gives ~22K blocks for 355M params in 292
+// uneven tensors (balanced by the block scheduler) and amortises the per-chunk setup.
+constexpr int64_t kChunkSize = 16384;
+constexpr int kBlockSize = 256;
+constexpr int kVecElems = 4;  // elements per vector access: 16 B of fp32 state, 8 B of bf16/fp16
+constexpr int kUnroll = 2;    // vector groups per thread whose loads are in flight together
+
+// Per-tensor record of the plan (64 B: one cache line per tensor).
+struct TensorRecord {
+  void* ptr[kNumLists];  // indexed by k*Idx; ptr[kExpAvgFastIdx] is null when beta1 == 0
+  int64_t numel;
+  float* step;
+  int32_t aligned16;  // every pointer 16-byte aligned: the vector path is legal
+  int32_t pad;
+};
+static_assert(sizeof(TensorRecord) == 64, "TensorRecord is one 64-byte line");
+
+// One record per CUDA block. An empty tensor still gets one (zero-length) chunk so that its
+// step count is incremented like every other.
+struct ChunkRecord {
+  int32_t tensor;
+  int32_t chunk;  // chunk index inside the tensor; element offset = chunk * kChunkSize (64-bit)
+};
+
+ADEMAMIX_HD int64_t num_chunks(int64_t numel) {
+  return numel == 0 ? 1 : (numel + kChunkSize - 1) / kChunkSize;
+}
+
+// Hyperparameters as the kernels see them. The host computes every difference and logarithm in
+// double and rounds once to float (1 - 0.9999 in fp32 would carry 3e-4 relative error).
+struct HyperParams {
+  float lr;  // used unless lr comes as a tensor
+  float beta1, one_minus_beta1;
+  float beta2, one_minus_beta2;
+  float beta3, one_minus_beta3;
+  float ln_beta1, ln_beta2;
+  // f(b) = ln(0.5) / ln(b + 1e-8) - 1: the half-life map the beta3 warmup interpolates in
+  float f_beta1, f_beta3;
+  float ln_half;
+  float alpha, eps, weight_decay;
+  float alpha_warmup, beta3_warmup;  // step counts, valid when the matching has_* is set
+  bool has_alpha_warmup, has_beta3_warmup, maximize;
+};
+
+// 1-element fp32 tensors read once per chunk; each is read only in the variants that have it.
+struct ScalarPtrs {
+  const float* lr;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+// Everything the element-wise math needs that depends on the step t, computed once per chunk.
+struct StepScalars {
+  float lr;
+  float grad_mult;  // 1/grad_scale, negated when maximizing
+  float inv_bc1;    // 1 / (1 - beta1^t)
+  float inv_sqrt_bc2;
+  float alpha_t;
+  float beta3_t, one_minus_beta3_t;
+};
+
+// One compile-time variant of the step. Every variant runs the same functions below.
+template <typename Param, bool HasM1, bool HasGradScale, bool HasFoundInf, bool LrTensor>
+struct Variant {
+  using param_t = Param;
+  static constexpr bool kHasM1 = HasM1;  // false iff beta1 == 0: m1 neither read nor written
+  static constexpr bool kHasGradScale = HasGradScale;
+  static constexpr bool kHasFoundInf = HasFoundInf;
+  static constexpr bool kLrTensor = LrTensor;
+};
+
+// Calls f(Variant<Param, ...>{}) with the runtime flags turned into template arguments.
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename Param, typename F>
+void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool lr_tensor, F&& f) {
+  with_bool(has_m1, [&](auto m1) {
+    with_bool(has_grad_scale, [&](auto gs) {
+      with_bool(has_found_inf, [&](auto fi) {
+        with_bool(lr_tensor, [&](auto lt) {
+          f(Variant<Param, decltype(m1)::value, decltype(gs)::value, decltype(fi)::value,
+                    decltype(lt)::value>{});
+        });
+      });
+    });
+  });
+}
+
+// found_inf nonzero (NaN included) skips the whole step, step counts included.
+template <class V>
+ADEMAMIX_HD bool skip_step(const ScalarPtrs& d) {
+  if constexpr (V::kHasFoundInf) {
+    return *d.found_inf != 0.0f;
+  } else {
+    return false;
+  }
+}
+
+// The per-chunk scalar setup. t = old step + 1. bc1, bc2 and 1 - beta3_t come from expm1 of an
+// fp32 product of host-computed logarithms, which keeps them accurate to a few fp32 ulps.
+template <class V>
+ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, float t) {
+  StepScalars s;
+  if constexpr (V::kLrTensor) {
+    s.lr = *d.lr;
+  } else {
+    s.lr = h.lr;
+  }
+  float grad_mult = 1.0f;
+  if constexpr (V::kHasGradScale) {
+    grad_mult = 1.0f / *d.grad_scale;
+  }
+  s.grad_mult = h.maximize ? -grad_mult : grad_mult;
+  if constexpr (V::kHasM1) {
+    s.inv_bc1 = 1.0f / -expm1f(t * h.ln_beta1);
+  } else {
+    s.inv_bc1 = 1.0f;
+  }
+  s.inv_sqrt_bc2 = 1.0f / sqrtf(-expm1f(t * h.ln_beta2));
+  s.alpha_t = (h.has_alpha_warmup && t < h.alpha_warmup) ? h.alpha * t / h.alpha_warmup : h.alpha;
+  if (h.has_beta3_warmup && t < h.beta3_warmup) {
+    // beta3_t = 0.5^(1/(x+1)), x interpolating the half-lives of beta1 and beta3.
+    const float a = t / h.beta3_warmup;
+    const float x = (1.0f - a) * h.f_beta1 + a * h.f_beta3;
+    const float ln_beta3_t = h.ln_half / (x + 1.0f);
+    s.beta3_t = expf(ln_beta3_t);
+    s.one_minus_beta3_t = -expm1f(ln_beta3_t);
+  } else {
+    s.beta3_t = h.beta3;
+    s.one_minus_beta3_t = h.one_minus_beta3;
+  }
+  return s;
+}
+
+// The element-wise update: the only place the AdEMAMix math exists. All in fp32; p is the
+// param before this step (weight decay uses it), m1 is untouched when the variant has none.
+template <class V>
+ADEMAMIX_HD void ademamix_update(float& p, float g, float& m1, float& m2, float& nu,
+                                 const HyperParams& h, const StepScalars& s) {
+  g *= s.grad_mult;
+  float fast = g;  // beta1 == 0: m1 is g itself
+  if constexpr (V::kHasM1) {
+    m1 = h.beta1 * m1 + h.one_minus_beta1 * g;
+    fast = m1;
+  }
+  m2 = s.beta3_t * m2 + s.one_minus_beta3_t * g;
+  nu = h.beta2 * nu + h.one_minus_beta2 * g * g;
+  const float denom = sqrtf(nu) * s.inv_sqrt_bc2 + h.eps;
+  const float update = (fast * s.inv_bc1 + s.alpha_t * m2) / denom + h.weight_decay * p;
+  p -= s.lr * update;
+}
+
+// Param storage <-> fp32. The default serves float and c10::BFloat16 / c10::Half on the host
+// (their float constructors round to nearest even); the .cu specialises the CUDA types.
+template <typename T>
+struct Cast {
+  static ADEMAMIX_HD float to_float(T v) { return static_cast<float>(v); }
+  static ADEMAMIX_HD T from_float(float v) { return static_cast<T>(v); }
+};
+
+// N consecutive elements moved as one access (16 B for N = 4 fp32).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Packed {
+  T v[N];
+};
+
+// The plan stores plain pointers; telling the compiler they point to global memory lets it use
+// LDG/STG (with 128-bit forms) instead of generic loads.
+template <typename T>
+ADEMAMIX_HD T* assume_global(T* p) {
+#if defined(__CUDA_ARCH__)
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
+}
+
+// The five arrays of one chunk, already offset to the chunk's first element.
+template <typename T>
+struct ChunkPtrs {
+  T* param;
+  const T* grad;
+  float* m1;
+  float* m2;
+  float* nu;
+};
+
+// Updates kUnroll groups of N consecutive elements: groups first, first + kBlockSize, ...
+// All loads are issued before any math so that they are in flight together.
+template <class V, int N, int Unroll>
+ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int first,
+                               const HyperParams& h, const StepScalars& s) {
+  using T = typename V::param_t;
+  using PackT = Packed<T, N>;
+  using PackF = Packed<float, N>;
+  PackT p[Unroll], g[Unroll];
+  PackF m1[Unroll], m2[Unroll], nu[Unroll];
+  ADEMAMIX_UNROLL
+  for (int u = 0; u < Unroll; ++u) {
+    const int e = (first + u * kBlockSize) * N;
+    p[u] = *reinterpret_cast<const PackT*>(c.param + e);
+    g[u] = *reinterpret_cast<const PackT*>(c.grad + e);
+    if constexpr (V::kHasM1) {
+      m1[u] = *reinterpret_cast<const PackF*>(c.m1 + e);
+    }
+    m2[u] = *reinterpret_cast<const PackF*>(c.m2 + e);
+    nu[u] = *reinterpret_cast<const PackF*>(c.nu + e);
+  }
+  ADEMAMIX_UNROLL
+  for (int u = 0; u < Unroll; ++u) {
+    ADEMAMIX_UNROLL
+    for (int i = 0; i < N; ++i) {
+      float pf = Cast<T>::to_float(p[u].v[i]);
+      float m1f = 0.0f;
+      if constexpr (V::kHasM1) {
+        m1f = m1[u].v[i];
+      }
+      ademamix_update<V>(pf, Cast<T>::to_float(g[u].v[i]), m1f, m2[u].v[i], nu[u].v[i], h, s);
+      p[u].v[i] = Cast<T>::from_float(pf);
+      if constexpr (V::kHasM1) {
+        m1[u].v[i] = m1f;
+      }
+    }
+    const int e = (first + u * kBlockSize) * N;
+    *reinterpret_cast<PackT*>(c.param + e) = p[u];
+    if constexpr (V::kHasM1) {
+      *reinterpret_cast<PackF*>(c.m1 + e) = m1[u];
+    }
+    *reinterpret_cast<PackF*>(c.m2 + e) = m2[u];
+    *reinterpret_cast<PackF*>(c.nu + e) = nu[u];
+  }
+}
+
+// The share of one chunk that thread `tid` of a kBlockSize-thread block updates. The CUDA
+// kernel runs it once per thread; the CPU kernel runs it for tid = 0..kBlockSize-1 in turn, so
+// the CPU tests walk the same index arithmetic, vector groups and tails as the GPU.
+// Offsets inside a chunk fit in int; the chunk's base offset is 64-bit.
+template <class V>
+ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int tid,
+                                    const HyperParams& h, const StepScalars& s) {
+  using T = typename V::param_t;
+  const int64_t start = chunk * kChunkSize;
+  const int64_t left = rec.numel - start;
+  const int len = static_cast<int>(left < kChunkSize ? left : kChunkSize);
+  ChunkPtrs<T> c;
+  c.param = assume_global(static_cast<T*>(rec.ptr[kParamIdx]) + start);
+  c.grad = assume_global(static_cast<const T*>(rec.ptr[kGradIdx]) + start);
+  c.m1 = V::kHasM1 ? assume_global(static_cast<float*>(rec.ptr[kExpAvgFastIdx]) + start) : nullptr;
+  c.m2 = assume_global(static_cast<float*>(rec.ptr[kExpAvgSlowIdx]) + start);
+  c.nu = assume_global(static_cast<float*>(rec.ptr[kExpAvgSqIdx]) + start);
+  int scalar_from = 0;
+  if (rec.aligned16) {
+    // A chunk starts at a multiple of kChunkSize elements, so aligned tensors give aligned chunks.
+    const int n_groups = len / kVecElems;
+    int group = tid;
+    for (; group + (kUnroll - 1) * kBlockSize < n_groups; group += kUnroll * kBlockSize) {
+      update_groups<V, kVecElems, kUnroll>(c, group, h, s);
+    }
+    for (; group < n_groups; group += kBlockSize) {
+      update_groups<V, kVecElems, 1>(c, group, h, s);
+    }
+    scalar_from = n_groups * kVecElems;
+  }
+  // Misaligned views (odd storage offsets) and the last len % kVecElems elements.
+  for (int i = scalar_from + tid; i < len; i += kBlockSize) {
+    update_groups<V, 1, 1>(c, i, h, s);
+  }
+}
+
+}  // namespace ademamix

@@ -1,0 +1,28 @@
+// The CUDA kernel's host entry point, shared by ademamix_kernel.cu (definition) and
+// ademamix_cuda.cpp (the op's CUDA implementation). Plain types only.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "ademamix.h"
+
+namespace ademamix {
+
+enum class ParamDtype { kFloat32, kBFloat16, kFloat16 };
+
+struct LaunchArgs {
+  ParamDtype dtype;
+  bool has_m1;
+  // The plan in device memory; chunk_counters has one zeroed word per tensor.
+  const TensorRecord* tensors;
+  const ChunkRecord* chunks;
+  uint32_t* chunk_counters;
+  int64_t n_chunks;  // grid size, <= INT32_MAX (checked by the caller)
+  HyperParams hyper;
+  ScalarPtrs scalars;  // null pointers select the variants without them
+};
+
+// Enqueues the whole step (all tensors, step counts included) as one kernel on `stream`.
+void launch_ademamix_step(const LaunchArgs& args, cudaStream_t stream);
+
+}  // namespace ademamix

@@ -1,0 +1,336 @@
+// ademamix::step_: the op schema, the argument checks, the plan, and the CPU implementation
+// (the same math and chunk walk as the CUDA kernel, so CI without a GPU runs the compiled code).
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "ademamix.h"
+#include "ademamix_ops.h"
+
+namespace ademamix {
+
+namespace {
+
+constexpr const char* kOp = "ademamix::step_: ";
+constexpr const char* kListNames[kNumLists] = {"params", "grads", "exp_avg_fasts", "exp_avg_slows",
+                                               "exp_avg_sqs"};
+
+void check_on_device(const at::Tensor& t, const char* list, size_t i, const at::Device& device) {
+  TORCH_CHECK(t.defined(), kOp, list, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == device, kOp, "all tensors must be on the params' device ", device,
+              ", but ", list, "[", i, "] is on ", t.device());
+}
+
+void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.defined(), kOp, name, " is undefined");
+  TORCH_CHECK(t.device() == device, kOp, name, " must be on the params' device ", device,
+              ", but is on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, kOp, name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, kOp, name, " must have exactly one element, got ", t.numel());
+}
+
+// The kernels walk each tensor's memory linearly, so a state must map element i to the same
+// memory offset as its param: both contiguous, or both dense with identical strides.
+void check_layout(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param,
+                  bool param_contiguous) {
+  TORCH_CHECK(t.layout() == at::kStrided, kOp, list, "[", i,
+              "] must be a dense (strided) tensor, got ", t.layout());
+  if (param_contiguous && t.is_contiguous()) {
+    return;
+  }
+  if (&t == &param) {
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), kOp, list, "[", i,
+                "] must be contiguous (or dense: no gaps, no overlaps); got shape ", t.sizes(),
+                " with strides ", t.strides());
+    return;
+  }
+  TORCH_CHECK(t.is_non_overlapping_and_dense() && t.strides() == param.strides(), kOp, list, "[",
+              i, "] must have the memory layout of params[", i,
+              "] (both contiguous, or dense with equal strides); got strides ", t.strides(),
+              " for params[", i, "] strides ", param.strides());
+}
+
+}  // namespace
+
+bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& key) {
+  const at::TensorList params = a.lists[kParamIdx];
+  const size_t n = params.size();
+  for (int k : {kGradIdx, kExpAvgSlowIdx, kExpAvgSqIdx}) {
+    TORCH_CHECK(a.lists[k].size() == n, kOp, kListNames[k], " must have one tensor per param (got ",
+                a.lists[k].size(), " for ", n, " params)");
+  }
+  TORCH_CHECK(a.state_steps.size() == n, kOp, "state_steps must have one tensor per param (got ",
+              a.state_steps.size(), " for ", n, " params)");
+  const bool has_m1 = a.beta1 != 0.0;
+  const size_t n_fast = a.lists[kExpAvgFastIdx].size();
+  if (has_m1) {
+    TORCH_CHECK(n_fast == n, kOp,
+                "exp_avg_fasts must have one tensor per param when beta1 != 0 (got ", n_fast,
+                " for ", n, " params)");
+  } else {
+    TORCH_CHECK(n_fast == 0, kOp, "exp_avg_fasts must be empty when beta1 == 0 (got ", n_fast,
+                " tensors)");
+  }
+  if (n == 0) {
+    return false;
+  }
+
+  TORCH_CHECK(params[0].defined(), kOp, "params[0] is undefined");
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.type() == device_type, kOp, "the ", device_type,
+              " kernel was selected (an argument is on ", device_type, ") but params are on ",
+              device, "; all tensors must be on the params' device");
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              "params must be float32, bfloat16 or float16, got ", dtype);
+  if (a.lr_tensor != nullptr) {
+    check_scalar_tensor(*a.lr_tensor, "lr", device);
+  }
+  if (a.grad_scale != nullptr) {
+    check_scalar_tensor(*a.grad_scale, "grad_scale", device);
+  }
+  if (a.found_inf != nullptr) {
+    check_scalar_tensor(*a.found_inf, "found_inf", device);
+  }
+
+  key.words.clear();
+  key.words.reserve(1 + n * PlanKey::kWordsPerTensor);
+  key.words.push_back(static_cast<uintptr_t>(device.index()));
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_on_device(p, "params", i, device);
+    TORCH_CHECK(p.scalar_type() == dtype, kOp, "all params of one call must share a dtype: params[",
+                i, "] is ", p.scalar_type(), " but params[0] is ", dtype, " (call once per dtype)");
+    const bool p_contiguous = p.is_contiguous();
+    check_layout(p, "params", i, p, p_contiguous);
+    p.unsafeGetTensorImpl()->bump_version();
+    key.words.push_back(reinterpret_cast<uintptr_t>(p.mutable_data_ptr()));
+    for (int k = kGradIdx; k < kNumLists; ++k) {
+      if (k == kExpAvgFastIdx && !has_m1) {
+        key.words.push_back(0);
+        continue;
+      }
+      const at::Tensor& t = a.lists[k][i];
+      check_on_device(t, kListNames[k], i, device);
+      const at::ScalarType want = k == kGradIdx ? dtype : at::kFloat;
+      TORCH_CHECK(t.scalar_type() == want, kOp, kListNames[k], "[", i, "] must be ", want,
+                  k == kGradIdx ? " (the dtype of its param)" : " (states are fp32)", ", got ",
+                  t.scalar_type());
+      TORCH_CHECK(t.sizes() == p.sizes(), kOp, kListNames[k], "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+      check_layout(t, kListNames[k], i, p, p_contiguous);
+      // Grads are only read: a const pointer leaves a copy-on-write grad shared.
+      const void* ptr = k == kGradIdx ? t.const_data_ptr() : t.mutable_data_ptr();
+      if (k != kGradIdx) {
+        t.unsafeGetTensorImpl()->bump_version();
+      }
+      key.words.push_back(reinterpret_cast<uintptr_t>(ptr));
+    }
+    const at::Tensor& step = a.state_steps[i];
+    check_on_device(step, "state_steps", i, device);
+    TORCH_CHECK(step.scalar_type() == at::kFloat && step.numel() == 1, kOp, "state_steps[", i,
+                "] must be a 1-element float32 tensor, got ", step.scalar_type(), " with ",
+                step.numel(), " elements");
+    step.unsafeGetTensorImpl()->bump_version();
+    key.words.push_back(reinterpret_cast<uintptr_t>(step.mutable_data_ptr()));
+    key.words.push_back(static_cast<uintptr_t>(p.numel()));
+  }
+  return true;
+}
+
+HyperParams make_hyper_params(const StepArgs& a) {
+  // Differences and logarithms in double, each rounded once to float (see HyperParams).
+  const auto f = [](double b) { return std::log(0.5) / std::log(b + 1e-8) - 1.0; };
+  HyperParams h;
+  h.lr = static_cast<float>(a.lr);
+  h.beta1 = static_cast<float>(a.beta1);
+  h.one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
+  h.beta2 = static_cast<float>(a.beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
+  h.beta3 = static_cast<float>(a.beta3);
+  h.one_minus_beta3 = static_cast<float>(1.0 - a.beta3);
+  h.ln_beta1 = a.beta1 != 0.0 ? static_cast<float>(std::log(a.beta1)) : 0.0f;  // unused if 0
+  h.ln_beta2 = static_cast<float>(std::log(a.beta2));
+  h.f_beta1 = static_cast<float>(f(a.beta1));
+  h.f_beta3 = static_cast<float>(f(a.beta3));
+  h.ln_half = static_cast<float>(std::log(0.5));
+  h.alpha = static_cast<float>(a.alpha);
+  h.eps = static_cast<float>(a.eps);
+  h.weight_decay = static_cast<float>(a.weight_decay);
+  h.has_alpha_warmup = a.alpha_warmup.has_value();
+  h.alpha_warmup = h.has_alpha_warmup ? static_cast<float>(*a.alpha_warmup) : 0.0f;
+  h.has_beta3_warmup = a.beta3_warmup.has_value();
+  h.beta3_warmup = h.has_beta3_warmup ? static_cast<float>(*a.beta3_warmup) : 0.0f;
+  h.maximize = a.maximize;
+  return h;
+}
+
+ScalarPtrs make_scalar_ptrs(const StepArgs& a) {
+  const auto ptr = [](const at::Tensor* t) -> const float* {
+    return t != nullptr ? t->data_ptr<float>() : nullptr;
+  };
+  return ScalarPtrs{ptr(a.lr_tensor), ptr(a.grad_scale), ptr(a.found_inf)};
+}
+
+size_t PlanKey::hash() const {
+  size_t h = 0xcbf29ce484222325ull;  // FNV-1a over words
+  for (uintptr_t w : words) {
+    h = (h ^ w) * 0x100000001b3ull;
+  }
+  return h;
+}
+
+Plan build_plan(const PlanKey& key) {
+  const size_t n = key.n_tensors();
+  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), kOp,
+              "too many tensors");
+  Plan plan;
+  plan.tensors.resize(n);
+  int64_t total_chunks = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uintptr_t* w = key.words.data() + 1 + i * PlanKey::kWordsPerTensor;
+    TensorRecord& r = plan.tensors[i];
+    r = TensorRecord{};
+    bool aligned = true;
+    for (int k = 0; k < kNumLists; ++k) {
+      r.ptr[k] = reinterpret_cast<void*>(w[k]);
+      aligned = aligned && w[k] % 16 == 0;
+    }
+    r.step = reinterpret_cast<float*>(w[kNumLists]);
+    r.numel = static_cast<int64_t>(w[kNumLists + 1]);
+    r.aligned16 = aligned ? 1 : 0;
+    total_chunks += num_chunks(r.numel);
+  }
+  // One block per chunk: the grid's x dimension caps the count.
+  TORCH_CHECK(total_chunks <= std::numeric_limits<int32_t>::max(), kOp, "too many elements (",
+              total_chunks, " chunks of ", kChunkSize, ")");
+  plan.chunks.resize(static_cast<size_t>(total_chunks));
+  size_t next = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t chunks = num_chunks(plan.tensors[i].numel);
+    for (int64_t c = 0; c < chunks; ++c) {
+      plan.chunks[next++] = ChunkRecord{static_cast<int32_t>(i), static_cast<int32_t>(c)};
+    }
+  }
+  return plan;
+}
+
+void Plan::serialize(void* dst) const {
+  char* out = static_cast<char*>(dst);
+  std::memcpy(out, tensors.data(), tensors.size() * sizeof(TensorRecord));
+  std::memcpy(out + chunks_offset(), chunks.data(), chunks.size() * sizeof(ChunkRecord));
+  std::memset(out + counters_offset(), 0, tensors.size() * sizeof(uint32_t));
+}
+
+namespace {
+
+// The CPU kernel: every chunk of the plan, each run as kBlockSize "threads" in turn through the
+// same update_chunk_share as the CUDA kernel. Steps are counted after every chunk has read them.
+void step_cpu(const StepArgs& a) {
+  PlanKey key;
+  if (!check_step_args(a, c10::DeviceType::CPU, key)) {
+    return;
+  }
+  const HyperParams h = make_hyper_params(a);
+  const ScalarPtrs d = make_scalar_ptrs(a);
+  const Plan plan = build_plan(key);
+  const auto run = [&](auto variant) {
+    using V = decltype(variant);
+    if (skip_step<V>(d)) {
+      return;
+    }
+    at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1,
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t c = begin; c < end; ++c) {
+                         const ChunkRecord chunk = plan.chunks[c];
+                         const TensorRecord& rec = plan.tensors[chunk.tensor];
+                         const StepScalars s = step_scalars<V>(h, d, *rec.step + 1.0f);
+                         for (int tid = 0; tid < kBlockSize; ++tid) {
+                           update_chunk_share<V>(rec, chunk.chunk, tid, h, s);
+                         }
+                       }
+                     });
+    for (const TensorRecord& rec : plan.tensors) {
+      *rec.step += 1.0f;
+    }
+  };
+  const bool has_m1 = !a.lists[kExpAvgFastIdx].empty();
+  const bool gs = a.grad_scale != nullptr, fi = a.found_inf != nullptr;
+  const bool lr_t = a.lr_tensor != nullptr;
+  switch (a.lists[kParamIdx][0].scalar_type()) {
+    case at::kFloat:
+      dispatch_variant<float>(has_m1, gs, fi, lr_t, run);
+      break;
+    case at::kBFloat16:
+      dispatch_variant<c10::BFloat16>(has_m1, gs, fi, lr_t, run);
+      break;
+    case at::kHalf:
+      dispatch_variant<c10::Half>(has_m1, gs, fi, lr_t, run);
+      break;
+    default:
+      TORCH_CHECK(false, kOp, "unreachable dtype");
+  }
+}
+
+// With only empty lists the dispatcher has no tensor to pick a backend from and comes here;
+// so do tensors on a device without a kernel.
+void step_no_backend(const StepArgs& a) {
+  const at::TensorList params = a.lists[kParamIdx];
+  const bool known = !params.empty() && params[0].defined();
+  const c10::DeviceType type = known ? params[0].device().type() : c10::DeviceType::CPU;
+  PlanKey key;
+  TORCH_CHECK(!check_step_args(a, type, key), kOp, "no kernel for params on ", params[0].device(),
+              " (CPU and CUDA have one)");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ademamix, m) {
+  m.def(
+      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_fasts, "
+      "Tensor(c!)[] exp_avg_slows, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
+      "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_fasts, "
+      "Tensor(c!)[] exp_avg_slows, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "Tensor lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
+      "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ademamix, CPU, m) {
+  m.impl("step_", TORCH_FN(step_float_lr<step_cpu>));
+  m.impl("step_.tensor_lr", TORCH_FN(step_tensor_lr<step_cpu>));
+}
+
+// No derivative. Unlike torch's default fallback for custom ops, this one refuses an in-place
+// update of a leaf that requires grad while grad mode is on, as torch's in-place ops do.
+TORCH_LIBRARY_IMPL(ademamix, Autograd, m) {
+  m.impl("step_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("step_.tensor_lr", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(ademamix, CompositeExplicitAutograd, m) {
+  m.impl("step_", TORCH_FN(step_float_lr<step_no_backend>));
+  m.impl("step_.tensor_lr", TORCH_FN(step_tensor_lr<step_no_backend>));
+}
+
+}  // namespace ademamix
+
+// `import ademamix_cuda._C` loads this library (and so runs the registrations above); the module
+// itself is empty: everything is reached through torch.ops.ademamix.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,457 @@
+"""The AdEMAMix step as one multi-tensor Triton launch, registered as ademamix_triton::step_.
+
+Every tensor is cut into chunks of CHUNK_SIZE elements; each chunk is a row of a device int64 table
+(addresses of its param, grad, m1, m2, nu slices and of its step counter, and its length), and the
+update kernel runs one program per row. A tiny kernel first increments the step counters. Tables
+are built once per set of tensor storages and cached (see "Launch plans").
+"""
+import contextlib
+import math
+import os
+from itertools import chain, count
+from operator import attrgetter
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Tuning (SPEC.md, multi-tensor probe on one H100): chunk 16384 / block 2048 / 8 warps beat
+# 8192 / 1024 / 4. 8-16K-element chunks give enough programs to balance hundreds of uneven tensors.
+# The sweep belongs to bench/; it may set these module attributes (plans are keyed on CHUNK_SIZE).
+CHUNK_SIZE = 16384  # elements per program; a multiple of 8 keeps every chunk 16-byte aligned
+BLOCK_SIZE = 2048   # elements per loop iteration of a program
+NUM_WARPS = 8
+_STEP_BLOCK = 1024  # step counters per program of the increment kernel
+_MAX_PLANS = 8      # cached tables (one per parameter set/dtype group; a few more for churn)
+
+# Columns of a chunk row. Addresses already point at the chunk's first element.
+_P = tl.constexpr(0)
+_G = tl.constexpr(1)
+_M1 = tl.constexpr(2)
+_M2 = tl.constexpr(3)
+_NU = tl.constexpr(4)
+_STEP = tl.constexpr(5)
+_LEN = tl.constexpr(6)
+_ROW = tl.constexpr(8)  # padded to 64 bytes
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _expm1(x):
+    # fp32 expm1: exp(x) - 1 cancels for small |x| (bias corrections with beta2 = 0.999 start at
+    # 1e-3), and libdevice.expm1 does not run in the interpreter. Below 0.5 the Taylor series to
+    # x^9 is exact to 1e-9 relative; above, exp(x) - 1 has no cancellation (|result| > 0.39).
+    s = tl.minimum(tl.maximum(x, -0.5), 0.5)  # keeps the unused branch finite (x may be -inf)
+    taylor = s * (1.0 + s * (0.5 + s * (1.6666666666666666e-1 + s * (4.1666666666666664e-2 + s * (
+        8.3333333333333332e-3 + s * (1.3888888888888889e-3 + s * (1.9841269841269841e-4 + s * (
+            2.4801587301587302e-5 + s * 2.7557319223985893e-6))))))))
+    return tl.where(tl.abs(x) < 0.5, taylor, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _schedules(t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
+               beta3_warmup, alpha_warmup, HAS_M1: tl.constexpr):
+    """Per-chunk scalars of step t: 1/bc1, 1/sqrt(bc2), alpha_t, beta3_t, 1 - beta3_t.
+
+    A warmup of 0 means none: t >= 1 is never below it.
+    """
+    inv_bc1 = 1.0
+    if HAS_M1:
+        inv_bc1 = 1.0 / -_expm1(t * ln_beta1)  # bc1 = 1 - beta1^t
+    inv_sqrt_bc2 = 1.0 / tl.sqrt_rn(-_expm1(t * ln_beta2))
+    # The clamps change nothing inside a warmup; outside they keep the unused values finite.
+    alpha_t = tl.where(t < alpha_warmup, alpha * t / tl.maximum(alpha_warmup, 1.0), alpha)
+    # beta3 warmup: half-life interpolated linearly from beta1's to beta3's, 0.5^(1/(x+1)).
+    a = tl.minimum(t / tl.maximum(beta3_warmup, 1.0), 1.0)
+    y = 1.0 / ((1.0 - a) * f_beta1 + a * f_beta3 + 1.0)
+    one_minus_b3_warm = -_expm1(y * ln_half)
+    in_warmup = t < beta3_warmup
+    one_minus_b3 = tl.where(in_warmup, one_minus_b3_warm, one_minus_beta3)
+    b3 = tl.where(in_warmup, 1.0 - one_minus_b3_warm, beta3)
+    return inv_bc1, inv_sqrt_bc2, alpha_t, b3, one_minus_b3
+
+
+@triton.jit
+def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+                     one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
+                     inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """The AdEMAMix element update of one block: fp32 arithmetic whatever the param dtype."""
+    mask = None
+    if MASKED:
+        mask = offs < n
+    p_in = tl.load(p_ptr + offs, mask=mask)
+    p = p_in.to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if MAXIMIZE:
+        g = -g
+    if HAS_M1:
+        m1 = beta1 * tl.load(m1_ptr + offs, mask=mask) + one_minus_beta1 * g
+        tl.store(m1_ptr + offs, m1, mask=mask)
+    else:
+        m1 = g  # beta1 == 0: the fast EMA is the gradient, no buffer
+    m2 = b3 * tl.load(m2_ptr + offs, mask=mask) + one_minus_b3 * g
+    nu = beta2 * tl.load(nu_ptr + offs, mask=mask) + one_minus_beta2 * g * g
+    denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
+    update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
+    tl.store(p_ptr + offs, (p - lr * update).to(p_in.dtype), mask=mask)
+    tl.store(m2_ptr + offs, m2, mask=mask)
+    tl.store(nu_ptr + offs, nu, mask=mask)
+
+
+@triton.jit
+def _row_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(row + col).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # The host checked every address of this launch. Proven 16-byte alignment is what lets the
+        # compiler emit vector loads. The hint goes on the pointer: on the integer before the cast
+        # it is lost (int-to-pointer drops alignment facts; PTX checked with triton 3.6 and 3.8).
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1,
+                     ln_beta1, beta2, one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1,
+                     f_beta3, ln_half, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
+                     P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr, MAXIMIZE: tl.constexpr,
+                     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                     HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # Python floats arrive as fp32 from eager launches but may be fp64 from compiled callers.
+    beta1 = tl.cast(beta1, tl.float32)
+    one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
+    ln_beta1 = tl.cast(ln_beta1, tl.float32)
+    beta2 = tl.cast(beta2, tl.float32)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
+    ln_beta2 = tl.cast(ln_beta2, tl.float32)
+    beta3 = tl.cast(beta3, tl.float32)
+    one_minus_beta3 = tl.cast(one_minus_beta3, tl.float32)
+    f_beta1 = tl.cast(f_beta1, tl.float32)
+    f_beta3 = tl.cast(f_beta3, tl.float32)
+    ln_half = tl.cast(ln_half, tl.float32)
+    alpha = tl.cast(alpha, tl.float32)
+    beta3_warmup = tl.cast(beta3_warmup, tl.float32)
+    alpha_warmup = tl.cast(alpha_warmup, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_decay = tl.cast(weight_decay, tl.float32)
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = tl.cast(lr, tl.float32)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    row = table_ptr + tl.program_id(0).to(tl.int64) * _ROW
+    p_ptr = _row_ptr(row, _P, P_DTYPE, ALIGNED)
+    g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
+    m1_ptr = _row_ptr(row, _M1, tl.float32, ALIGNED)
+    m2_ptr = _row_ptr(row, _M2, tl.float32, ALIGNED)
+    nu_ptr = _row_ptr(row, _NU, tl.float32, ALIGNED)
+    t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))  # already incremented
+    n = tl.load(row + _LEN).to(tl.int32)  # < CHUNK_SIZE: offsets in a chunk fit in 32 bits
+    if HAS_FOUND_INF:
+        n = tl.where(tl.load(found_inf_ptr) != 0, 0, n)  # skip: nothing read, nothing written
+
+    inv_bc1, inv_sqrt_bc2, alpha_t, b3, one_minus_b3 = _schedules(
+        t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
+        beta3_warmup, alpha_warmup, HAS_M1)
+
+    # Full blocks unmasked (vector loads), then at most one masked tail.
+    n_full = n // BLOCK
+    for i in range(0, n_full):
+        offs = tl.max_contiguous(tl.multiple_of(i * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+                         one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
+                         inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
+                         HAS_GRAD_SCALE, False)
+    if n_full * BLOCK < n:
+        offs = tl.max_contiguous(tl.multiple_of(n_full * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+                         one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
+                         inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
+                         HAS_GRAD_SCALE, True)
+
+
+@triton.jit
+def _increment_steps_kernel(step_addrs_ptr, n_steps, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # A launch of its own: inside the update kernel, one tensor's chunks would race on its counter.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_steps
+    step_ptrs = tl.load(step_addrs_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    inc = 1.0
+    if HAS_FOUND_INF:
+        inc = tl.where(tl.load(found_inf_ptr) != 0, 0.0, 1.0)
+    tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans.
+#
+# A plan is the device int64 table for one exact set of storages: chunk rows of the 16-byte aligned
+# tensors, then chunk rows of the others, then one step-counter address per tensor. It is cached
+# under the (data_ptr, numel) of every tensor, so a replaced grad (zero_grad(set_to_none=True)
+# reallocates them), a load_state_dict (new state tensors) or a resized param is a new key, while
+# grads that land on the same addresses again reuse the table. The key also holds every dtype and
+# stride, so the full per-tensor checks run exactly when a plan is built: a hit is a set of
+# tensors that passed them.
+#
+# CUDA graphs: capture records the kernels with the table's address, so the table must exist
+# before capture (one eager step with the same tensors, which graph warm-up does anyway). Building
+# during capture is refused: it would need a host-to-device copy recorded into the graph from a
+# host buffer. A plan used in a capture is never evicted, since the graph keeps reading it.
+
+
+class _Plan:
+    __slots__ = ("table", "step_addrs", "launches", "captured", "last_use")
+
+    def __init__(self, table, step_addrs, launches):
+        self.table = table
+        self.step_addrs = step_addrs
+        self.launches = launches  # [(rows view, number of chunks, aligned)]
+        self.captured = False
+        self.last_use = 0
+
+
+_plans: "dict[tuple, _Plan]" = {}
+_data_ptr, _numel, _stride = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride
+_is_contiguous, _dtype = torch.Tensor.is_contiguous, attrgetter("dtype")
+_use_clock = count(1)  # LRU order without re-hashing the long key on every hit
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
+    dtype = params[0].dtype
+    if dtype not in _PARAM_DTYPES:
+        raise TypeError(f"ademamix_triton: params must be float32, bfloat16 or float16, "
+                        f"got {dtype}")
+    for i, (p, g, m2, nu, s) in enumerate(zip(params, grads, m2s, nus, steps)):
+        if p.dtype != dtype:
+            raise TypeError(f"ademamix_triton: one param dtype per call: params[0] is {dtype}, "
+                            f"params[{i}] is {p.dtype}; group the tensors by dtype")
+        named = [("params", p), ("grads", g), ("exp_avg_slows", m2), ("exp_avg_sqs", nu)]
+        if m1s:
+            named.append(("exp_avg_fasts", m1s[i]))
+        for name, x in named + [("state_steps", s)]:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"ademamix_triton: {name}[{i}] is {type(x).__name__}, not a Tensor")
+            if x.device != device:
+                raise RuntimeError(f"ademamix_triton: all tensors must be on one device: "
+                                   f"params[0] is on {device}, {name}[{i}] on {x.device}")
+            if x.layout != torch.strided:
+                raise RuntimeError(f"ademamix_triton: {name}[{i}] has layout {x.layout}; "
+                                   "only dense tensors are supported")
+        if g.dtype != dtype or g.shape != p.shape:
+            raise RuntimeError(f"ademamix_triton: grads[{i}] ({g.dtype}, {tuple(g.shape)}) must "
+                               f"match params[{i}] ({p.dtype}, {tuple(p.shape)})")
+        for name, x in named[2:]:
+            if x.dtype != torch.float32 or x.shape != p.shape:
+                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be float32 of shape "
+                                   f"{tuple(p.shape)}, got {x.dtype} {tuple(x.shape)}")
+        for name, x in named:
+            if not x.is_contiguous():
+                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be contiguous")
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise RuntimeError(f"ademamix_triton: state_steps[{i}] must be a one-element float32 "
+                               f"tensor, got {s.dtype} with {s.numel()} elements")
+
+
+def _plan(params, grads, m1s, m2s, nus, steps, device):
+    dense = list(chain(params, grads, m1s, m2s, nus))
+    flat = dense + steps
+    try:
+        # What _check_tensors depends on, per tensor, in C-level passes: address, element count,
+        # dtype and strides (with numel and contiguity they pin the shape, so a view of the same
+        # storage with another shape is a new key and gets checked).
+        ptrs, numels = tuple(map(_data_ptr, flat)), tuple(map(_numel, flat))
+        key = (device, CHUNK_SIZE, len(params), bool(m1s), ptrs, numels,
+               tuple(map(_dtype, flat)), tuple(map(_stride, dense)))
+        dense_ok = all(map(_is_contiguous, dense))
+    except (RuntimeError, TypeError, AttributeError):  # not a tensor, sparse, no storage
+        dense_ok = False
+    if not dense_ok:
+        _check_tensors(params, grads, m1s, m2s, nus, steps, device)  # names the culprit
+        raise RuntimeError("ademamix_triton: every tensor must be dense and contiguous")
+    plan = _plans.get(key)
+    if plan is None:
+        if _capturing(device):
+            raise RuntimeError(
+                "ademamix_triton: no launch plan for these tensors while a CUDA graph is being "
+                "captured. Run one eager step with the same tensors before capture so that the "
+                "address tables exist (a table cannot be uploaded inside a capture).")
+        _check_tensors(params, grads, m1s, m2s, nus, steps, device)
+        plan = _new_plan(ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device)
+        evictable = sorted((k for k, v in _plans.items() if not v.captured),
+                           key=lambda k: _plans[k].last_use)
+        for old in evictable[:max(0, len(evictable) + 1 - _MAX_PLANS)]:
+            del _plans[old]  # least recently used first
+        _plans[key] = plan
+    plan.last_use = next(_use_clock)
+    if _capturing(device):
+        plan.captured = True
+    return plan
+
+
+def _new_plan(ptrs, numels, has_m1, elem_size, device):
+    if CHUNK_SIZE % 8:
+        raise ValueError("ademamix_triton: CHUNK_SIZE must be a multiple of 8 "
+                         "(chunks must start 16-byte aligned)")
+    n = len(numels)
+    addr = torch.tensor(ptrs, dtype=torch.int64).view(-1, n)  # one row per list
+    if not has_m1:
+        addr = torch.cat([addr[:2], torch.zeros_like(addr[:1]), addr[2:]])  # m1 = 0: never read
+    data, step = addr[:5], addr[5]
+    numel = torch.tensor(numels, dtype=torch.int64)
+    elem_sizes = torch.tensor([elem_size, elem_size, 4, 4, 4], dtype=torch.int64)
+    aligned = (data % 16 == 0).all(dim=0)
+
+    parts, launches, offset = [], [], 0
+    for is_aligned in (True, False):
+        idx = (aligned == is_aligned).nonzero().flatten()
+        counts = (numel[idx] + CHUNK_SIZE - 1) // CHUNK_SIZE  # empty tensors get no chunk
+        owner = torch.repeat_interleave(idx, counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        start = (torch.arange(owner.numel()) - first) * CHUNK_SIZE  # in elements
+        rows = torch.zeros(owner.numel(), 8, dtype=torch.int64)
+        rows[:, 0:5] = data[:, owner].T + start[:, None] * elem_sizes
+        rows[:, 5] = step[owner]
+        rows[:, 6] = torch.clamp(numel[owner] - start, max=CHUNK_SIZE)
+        parts.append(rows.flatten())
+        launches.append((offset, rows.shape[0], is_aligned))
+        offset += rows.numel()
+    host = torch.cat(parts + [step])
+    if device.type == "cuda":
+        # Pinned + non_blocking: no host sync; the pinned block is held until the copy is done.
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host
+    launches = [(table[o:o + c * 8], c, a) for o, c, a in launches if c]
+    return _Plan(table, table[offset:], launches)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op.
+
+
+def _check_scalar_tensor(name, x, device):
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or x.numel() != 1 or not x.is_floating_point():
+        raise RuntimeError(f"ademamix_triton: {name} must be a one-element floating-point tensor")
+    if x.device != device:
+        raise RuntimeError(f"ademamix_triton: {name} is on {x.device}, the params on {device}")
+
+
+def _half_life(beta):
+    # f(b) of the beta3 schedule; +1e-8 keeps beta = 0 finite.
+    return math.log(0.5) / math.log(beta + 1e-8) - 1.0
+
+
+def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
+               exp_avg_fasts: List[torch.Tensor], exp_avg_slows: List[torch.Tensor],
+               exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor], lr: float,
+               lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, beta3: float,
+               alpha: float, beta3_warmup: Optional[int], alpha_warmup: Optional[int], eps: float,
+               weight_decay: float, maximize: bool, grad_scale: Optional[torch.Tensor],
+               found_inf: Optional[torch.Tensor]) -> None:
+    """The op's body. lr_tensor, when given, replaces lr (custom ops have no overloads)."""
+    n = len(params)
+    has_m1 = beta1 != 0.0
+    for name, xs in (("grads", grads), ("exp_avg_slows", exp_avg_slows),
+                     ("exp_avg_sqs", exp_avg_sqs), ("state_steps", state_steps)):
+        if len(xs) != n:
+            raise ValueError(f"ademamix_triton: {len(xs)} {name} for {n} params")
+    if len(exp_avg_fasts) != (n if has_m1 else 0):
+        raise ValueError(f"ademamix_triton: {len(exp_avg_fasts)} exp_avg_fasts for {n} params "
+                         f"with beta1={beta1} (beta1 == 0 takes an empty list, else one per param)")
+    for name, b in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"ademamix_triton: {name} must be in [0, 1), got {b}")
+    if n == 0:
+        return
+    device = params[0].device
+    if device.type != ("cpu" if _INTERPRETED else "cuda"):
+        # The interpreter dereferences the table's addresses on the host: CPU tensors only.
+        raise RuntimeError(f"ademamix_triton: tensors on {device}; this process runs Triton "
+                           + ("interpreted (TRITON_INTERPRET=1): CPU tensors only" if _INTERPRETED
+                              else "compiled: CUDA tensors only (CPU needs TRITON_INTERPRET=1 "
+                                   "set before import)"))
+    for name, x in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar_tensor(name, x, device)
+
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:  # the device's current stream: capture checks, table upload, launches
+        plan = _plan(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
+                     device)
+        any_ptr = plan.table  # stands in for absent optional tensors; never read
+        _increment_steps_kernel[(triton.cdiv(n, _STEP_BLOCK),)](
+            plan.step_addrs, n, found_inf if found_inf is not None else any_ptr,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=_STEP_BLOCK)
+        # Constants in double, rounded once to fp32 (1 - 0.9999 in fp32 would be 3e-4 off).
+        for rows, n_chunks, aligned in plan.launches:
+            _ademamix_kernel[(n_chunks,)](
+                rows, float(lr), lr_tensor if lr_tensor is not None else any_ptr,
+                grad_scale if grad_scale is not None else any_ptr,
+                found_inf if found_inf is not None else any_ptr,
+                beta1, 1.0 - beta1, math.log(beta1) if has_m1 else 0.0,
+                beta2, 1.0 - beta2, math.log(beta2) if beta2 > 0.0 else -math.inf,
+                beta3, 1.0 - beta3, _half_life(beta1), _half_life(beta3), math.log(0.5),
+                float(alpha), float(beta3_warmup or 0), float(alpha_warmup or 0), float(eps),
+                float(weight_decay),
+                P_DTYPE=_PARAM_DTYPES[params[0].dtype], HAS_M1=has_m1, MAXIMIZE=bool(maximize),
+                LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned, BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS)
+
+
+# What torch.compile, export and dispatch modes see: one opaque node that mutates its lists.
+_step_op = torch.library.custom_op(
+    "ademamix_triton::step_", _step_impl,
+    mutates_args=("params", "exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs", "state_steps"))
+
+
+@_step_op.register_fake
+def _step_op_fake(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
+                  lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
+                  weight_decay, maximize, grad_scale, found_inf):
+    return None
+
+
+def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
+                   beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
+                   maximize, grad_scale=None, found_inf=None):
+    """One AdEMAMix step over all tensors, in place, in one launch (two with misaligned views).
+
+    Tensor lists in the order params, grads, exp_avg_fasts (empty when beta1 == 0),
+    exp_avg_slows, exp_avg_sqs, state_steps, all contiguous on one device (CUDA, or CPU under
+    TRITON_INTERPRET=1). params/grads: one of float32, bfloat16, float16; states float32;
+    state_steps one-element float32 tensors, incremented here unless found_inf is nonzero.
+    lr: float or one-element tensor on the device; grad_scale divides the grads; found_inf
+    nonzero skips the step entirely. Nothing is synchronized with the host.
+    """
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    args = (list(params), list(grads), list(exp_avg_fasts or ()), list(exp_avg_slows),
+            list(exp_avg_sqs), list(state_steps), 0.0 if lr_tensor is not None else float(lr),
+            lr_tensor, float(beta1), float(beta2), float(beta3), float(alpha),
+            None if beta3_warmup is None else int(beta3_warmup),
+            None if alpha_warmup is None else int(alpha_warmup), float(eps), float(weight_decay),
+            bool(maximize), grad_scale, found_inf)
+    with torch.no_grad():  # a mutation of leaf params, not something to differentiate
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+            _step_op(*args)
+        else:
+            # Plain eager tensors: the same implementation without the op wrapper, whose per-tensor
+            # Python work (a version bump per tensor, alias checks) costs more than the kernel
+            # itself with thousands of tensors. The version counters are bumped in one call.
+            _step_impl(*args)
+            torch.autograd.graph.increment_version(
+                list(chain(args[0], args[2], args[3], args[4], args[5])))
