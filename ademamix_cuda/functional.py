@@ -13,6 +13,7 @@ torch paths are checked here.
 """
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -192,38 +193,27 @@ def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state
                    **hyper)
 
 
-class _PerTensorOps:
-    """The torch ops of the update applied to one tensor at a time ("single")."""
-
-    mul_ = staticmethod(Tensor.mul_)
-    add_ = staticmethod(Tensor.add_)
-    addcmul_ = staticmethod(Tensor.addcmul_)
-    div_ = staticmethod(Tensor.div_)
-    mul = staticmethod(torch.mul)
-    div = staticmethod(torch.div)
-    sqrt = staticmethod(torch.sqrt)
-    neg = staticmethod(torch.neg)
+# The torch ops of the update, applied one tensor at a time ("single") or over tensor lists with
+# per-tensor scalars as lists ("foreach"): the same names, so the math below is written once.
+_OP_NAMES = ("mul_", "add_", "addcmul_", "div_", "mul", "div", "sqrt")
+_PER_TENSOR_OPS = SimpleNamespace(**{name: getattr(Tensor, name) for name in _OP_NAMES})
+_FOREACH_OPS = SimpleNamespace(**{name: getattr(torch, f"_foreach_{name}") for name in _OP_NAMES})
 
 
-class _ForeachOps:
-    """The same ops over tensor lists, with per-tensor scalars as lists ("foreach")."""
-
-    mul_ = staticmethod(torch._foreach_mul_)
-    add_ = staticmethod(torch._foreach_add_)
-    addcmul_ = staticmethod(torch._foreach_addcmul_)
-    div_ = staticmethod(torch._foreach_div_)
-    mul = staticmethod(torch._foreach_mul)
-    div = staticmethod(torch._foreach_div)
-    sqrt = staticmethod(torch._foreach_sqrt)
-    neg = staticmethod(torch._foreach_neg)
+def _add_scaled_(ops, x, y, scale):
+    """x += scale * y, with scale a float or (foreach only) a list of floats."""
+    if isinstance(scale, list):
+        ops.add_(x, ops.mul(y, scale))
+    else:
+        ops.add_(x, y, alpha=scale)
 
 
 def _update(ops, p, g, m1, m2, nu, *, lr, beta1, beta2, beta3_t, one_minus_beta3_t, alpha_t, bc1,
             sqrt_bc2, eps, weight_decay):
     """The AdEMAMix update written once for torch: `ops` applies each op per tensor or per list.
 
-    The scalars that depend on the step (beta3_t, alpha_t, bc1, sqrt_bc2) are floats for one
-    tensor or lists of floats for a list of tensors.
+    The scalars that depend on the step (beta3_t, alpha_t, bc1, sqrt_bc2) are floats, or lists of
+    floats (one per tensor) when a list's tensors are at different steps.
     """
     if m1 is None:
         m1 = g
@@ -231,18 +221,26 @@ def _update(ops, p, g, m1, m2, nu, *, lr, beta1, beta2, beta3_t, one_minus_beta3
         ops.mul_(m1, beta1)
         ops.add_(m1, g, alpha=1.0 - beta1)
     ops.mul_(m2, beta3_t)
-    ops.add_(m2, ops.mul(g, one_minus_beta3_t))
+    _add_scaled_(ops, m2, g, one_minus_beta3_t)
     ops.mul_(nu, beta2)
     ops.addcmul_(nu, g, g, value=1.0 - beta2)
     denom = ops.sqrt(nu)
     ops.div_(denom, sqrt_bc2)
     ops.add_(denom, eps)
     update = ops.div(m1, bc1)
-    ops.add_(update, ops.mul(m2, alpha_t))
+    _add_scaled_(ops, update, m2, alpha_t)
     ops.div_(update, denom)
     if weight_decay != 0.0:
         ops.add_(update, p, alpha=weight_decay)
     ops.add_(p, update, alpha=-lr)
+
+
+def _step_scalars(t, *, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup):
+    """The scalars of step t that _update takes."""
+    beta3_t = beta3_at(t, beta1, beta3, beta3_warmup)
+    bc1, bc2 = bias_corrections(t, beta1, beta2)
+    return dict(beta3_t=beta3_t, one_minus_beta3_t=1.0 - beta3_t,
+                alpha_t=alpha_at(t, alpha, alpha_warmup), bc1=bc1, sqrt_bc2=math.sqrt(bc2))
 
 
 def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *,
@@ -261,22 +259,17 @@ def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_
     if maximize:
         work_grads = [-g for g in work_grads]
     torch._foreach_add_(state_steps, 1.0)
-    steps = [s.item() for s in state_steps]
-    scalars = {"beta3_t": [], "one_minus_beta3_t": [], "alpha_t": [], "bc1": [], "sqrt_bc2": []}
-    for t in steps:
-        beta3_t = beta3_at(t, beta1, beta3, beta3_warmup)
-        bc1, bc2 = bias_corrections(t, beta1, beta2)
-        scalars["beta3_t"].append(beta3_t)
-        scalars["one_minus_beta3_t"].append(1.0 - beta3_t)
-        scalars["alpha_t"].append(alpha_at(t, alpha, alpha_warmup))
-        scalars["bc1"].append(bc1)
-        scalars["sqrt_bc2"].append(math.sqrt(bc2))
-    fasts = exp_avg_fasts or [None] * len(params)
+    steps = torch.stack(state_steps).tolist()  # one read of all step counts
+    hyper = dict(beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, beta3_warmup=beta3_warmup,
+                 alpha_warmup=alpha_warmup)
     constants = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    uniform = all(t == steps[0] for t in steps)  # the usual case: one set of scalars
+    per_step = [_step_scalars(steps[0], **hyper)] if uniform else [_step_scalars(t, **hyper) for t in steps]
+    fasts = exp_avg_fasts or [None] * len(params)
     if per_tensor:
         for i, (p, g, m1, m2, nu) in enumerate(zip(work_params, work_grads, fasts, exp_avg_slows,
                                                    exp_avg_sqs)):
-            _update(_PerTensorOps, p, g, m1, m2, nu, **{k: v[i] for k, v in scalars.items()}, **constants)
+            _update(_PER_TENSOR_OPS, p, g, m1, m2, nu, **per_step[0 if uniform else i], **constants)
     else:
         grouped = Optimizer._group_tensors_by_device_and_dtype(
             [work_params, work_grads, exp_avg_slows, exp_avg_sqs] + ([fasts] if exp_avg_fasts else []),
@@ -284,8 +277,9 @@ def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_
         for group_lists, indices in grouped.values():
             p, g, m2, nu = group_lists[:4]
             m1 = group_lists[4] if exp_avg_fasts else None
-            _update(_ForeachOps, p, g, m1, m2, nu, **{k: [v[i] for i in indices] for k, v in scalars.items()},
-                    **constants)
+            scalars = per_step[0] if uniform else {
+                k: [per_step[i][k] for i in indices] for k in per_step[0]}
+            _update(_FOREACH_OPS, p, g, m1, m2, nu, **scalars, **constants)
     for p, work, is_low in zip(params, work_params, low):
         if is_low:
             p.copy_(work)  # rounds to nearest even

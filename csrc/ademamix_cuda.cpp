@@ -178,8 +178,8 @@ void step_cuda(const StepArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ademamix, CUDA, m) {
-  m.impl("step_", TORCH_FN(step_float_lr<step_cuda>));
-  m.impl("step_.tensor_lr", TORCH_FN(step_tensor_lr<step_cuda>));
+  m.impl("step_", TORCH_FN((step_op<step_cuda, double>)));
+  m.impl("step_.tensor_lr", TORCH_FN((step_op<step_cuda, const at::Tensor&>)));
 }
 
 }  // namespace ademamix

@@ -310,8 +310,8 @@ TORCH_LIBRARY(ademamix, m) {
 }
 
 TORCH_LIBRARY_IMPL(ademamix, CPU, m) {
-  m.impl("step_", TORCH_FN(step_float_lr<step_cpu>));
-  m.impl("step_.tensor_lr", TORCH_FN(step_tensor_lr<step_cpu>));
+  m.impl("step_", TORCH_FN((step_op<step_cpu, double>)));
+  m.impl("step_.tensor_lr", TORCH_FN((step_op<step_cpu, const at::Tensor&>)));
 }
 
 // No derivative. Unlike torch's default fallback for custom ops, this one refuses an in-place
@@ -322,8 +322,8 @@ TORCH_LIBRARY_IMPL(ademamix, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ademamix, CompositeExplicitAutograd, m) {
-  m.impl("step_", TORCH_FN(step_float_lr<step_no_backend>));
-  m.impl("step_.tensor_lr", TORCH_FN(step_tensor_lr<step_no_backend>));
+  m.impl("step_", TORCH_FN((step_op<step_no_backend, double>)));
+  m.impl("step_.tensor_lr", TORCH_FN((step_op<step_no_backend, const at::Tensor&>)));
 }
 
 }  // namespace ademamix

@@ -7,6 +7,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "ademamix.h"
@@ -59,55 +60,36 @@ struct Plan {
 
 Plan build_plan(const PlanKey& key);
 
-// The two overloads of the schema, forwarding to Run (the CPU or the CUDA implementation).
-template <void (*Run)(const StepArgs&)>
-void step_float_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_fasts,
-                   at::TensorList exp_avg_slows, at::TensorList exp_avg_sqs,
-                   at::TensorList state_steps, double lr, double beta1, double beta2, double beta3,
-                   double alpha, std::optional<int64_t> beta3_warmup,
-                   std::optional<int64_t> alpha_warmup, double eps, double weight_decay,
-                   bool maximize, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
-  Run(StepArgs{{params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs},
-               state_steps,
-               lr,
-               nullptr,
-               beta1,
-               beta2,
-               beta3,
-               alpha,
-               beta3_warmup,
-               alpha_warmup,
-               eps,
-               weight_decay,
-               maximize,
-               grad_scale.has_value() ? &*grad_scale : nullptr,
-               found_inf.has_value() ? &*found_inf : nullptr});
-}
-
-template <void (*Run)(const StepArgs&)>
-void step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_fasts,
-                    at::TensorList exp_avg_slows, at::TensorList exp_avg_sqs,
-                    at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
-                    double beta3, double alpha, std::optional<int64_t> beta3_warmup,
-                    std::optional<int64_t> alpha_warmup, double eps, double weight_decay,
-                    bool maximize, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  Run(StepArgs{{params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs},
-               state_steps,
-               0.0,
-               &lr,
-               beta1,
-               beta2,
-               beta3,
-               alpha,
-               beta3_warmup,
-               alpha_warmup,
-               eps,
-               weight_decay,
-               maximize,
-               grad_scale.has_value() ? &*grad_scale : nullptr,
-               found_inf.has_value() ? &*found_inf : nullptr});
+// The op's kernel for both overloads of the schema (Lr = double, or const at::Tensor& for
+// step_.tensor_lr), forwarding to Run (the CPU or the CUDA implementation).
+template <void (*Run)(const StepArgs&), typename Lr>
+void step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_fasts,
+             at::TensorList exp_avg_slows, at::TensorList exp_avg_sqs, at::TensorList state_steps,
+             Lr lr, double beta1, double beta2, double beta3, double alpha,
+             std::optional<int64_t> beta3_warmup, std::optional<int64_t> alpha_warmup, double eps,
+             double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf) {
+  StepArgs args{{params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs},
+                state_steps,
+                0.0,
+                nullptr,
+                beta1,
+                beta2,
+                beta3,
+                alpha,
+                beta3_warmup,
+                alpha_warmup,
+                eps,
+                weight_decay,
+                maximize,
+                grad_scale.has_value() ? &*grad_scale : nullptr,
+                found_inf.has_value() ? &*found_inf : nullptr};
+  if constexpr (std::is_same_v<Lr, double>) {
+    args.lr = lr;
+  } else {
+    args.lr_tensor = &lr;
+  }
+  Run(args);
 }
 
 }  // namespace ademamix

@@ -1,0 +1,1 @@
+"""The ademamix-cuda benchmark: `python -m bench --help`."""
