@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU machine's checks in stages that each fit one 10-minute device call. Everything it
+# prints also goes to $OUT/<stage>.log; the benchmark's JSON and PNG land in $OUT.
+#
+#   bash bench/gpu_session.sh test    build (with the ptxas report), GPU tests, compute-sanitizer
+#   bash bench/gpu_session.sh bench   the full benchmark with the Triton sweep
+#   bash bench/gpu_session.sh slow    the > 2^31-element test, and ncu on one step of each kernel
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash bench/gpu_session.sh test|bench|slow}
+OUT=${OUT:-bench/results/gpu-session}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/$stage.log") 2>&1
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+ADEMAMIX_PTXAS_VERBOSE=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+  > "$OUT/build-$stage.txt" 2>&1 || { tail -40 "$OUT/build-$stage.txt"; exit 1; }
+grep -E "Used [0-9]+ registers|spill" "$OUT/build-$stage.txt" | sort | uniq -c | sort -rn | head -8
+rm -f "$OUT/build-$stage.txt"
+"$PY" -m ademamix_cuda.info
+
+case "$stage" in
+  test)
+    "$PY" -m pytest -q -rs -m "not slow" tests
+    for tool in memcheck racecheck synccheck; do
+      echo "== compute-sanitizer --tool $tool"
+      compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" bench/sanitize.py || echo "== $tool FAILED ($?)"
+    done
+    ;;
+  bench)
+    "$PY" -m bench --sweep-triton --out "$OUT"
+    ;;
+  slow)
+    "$PY" -m pytest -q -rs -m slow tests
+    # One step of each kernel on the gpt set (after two warm-up steps): DRAM throughput and
+    # what limits it.
+    for impl in cuda triton; do
+      ncu --kernel-name regex:"ademamix" --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        "$PY" -m bench --sets gpt --dtypes fp32 --impls "$impl" --no-graph --no-check \
+        --warmup 2 --reps 1 --max-reps 1 --min-time 0 --host-steps 1 --no-plot --out /tmp
+    done
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
