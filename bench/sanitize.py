@@ -17,17 +17,18 @@ from ademamix_cuda import backends
 from ademamix_cuda.functional import ademamix
 
 SIZES = (0, 1, 3, 4097, 40000)  # 40000 spans three 16K-element chunks
+DEVICE = "cuda"
 
 
 def make_set(dtype, seed, beta1_zero):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=gen).to("cuda", dtype) for n in SIZES]
-    params.append(torch.randn(40001, generator=gen).to("cuda", dtype)[1:])  # offset 1: misaligned
-    grads = [torch.randn(p.shape, generator=gen).to("cuda", dtype) for p in params]
-    states = [[torch.rand(p.shape, generator=gen).cuda() for p in params] for _ in range(3)]
+    params = [torch.randn(n, generator=gen).to(DEVICE, dtype) for n in SIZES]
+    params.append(torch.randn(40001, generator=gen).to(DEVICE, dtype)[1:])  # offset 1: misaligned
+    grads = [torch.randn(p.shape, generator=gen).to(DEVICE, dtype) for p in params]
+    states = [[torch.rand(p.shape, generator=gen).to(DEVICE) for p in params] for _ in range(3)]
     if beta1_zero:
         states[0] = None
-    steps = [torch.full((), float(i), device="cuda") for i in range(len(params))]
+    steps = [torch.full((), float(i), device=DEVICE) for i in range(len(params))]
     return params, grads, states, steps
 
 
@@ -37,9 +38,9 @@ def clone(xs):
 
 def run(backend, dtype, beta1_zero, graph):
     params, grads, (m1, m2, nu), steps = make_set(dtype, 0, beta1_zero)
-    lr = torch.tensor(1e-2, device="cuda")
-    grad_scale = torch.tensor(4.0, device="cuda")
-    found_inf = torch.zeros((), device="cuda")
+    lr = torch.tensor(1e-2, device=DEVICE)
+    grad_scale = torch.tensor(4.0, device=DEVICE)
+    found_inf = torch.zeros((), device=DEVICE)
     hyper = dict(beta1=0.0 if beta1_zero else 0.9, beta2=0.999, beta3=0.9999, alpha=5.0,
                  beta3_warmup=6, alpha_warmup=4, eps=1e-8, weight_decay=0.1, maximize=False,
                  grad_scale=grad_scale, found_inf=found_inf)
@@ -63,7 +64,6 @@ def run(backend, dtype, beta1_zero, graph):
         lr.fill_(1e-2 * (i + 1))
         replay()
         step("foreach", ref)
-    torch.cuda.synchronize()
     worst = 0.0
     for a, b in zip(ours, ref):
         for x, y in zip(a or [], b or []):
@@ -81,7 +81,7 @@ def main():
         sys.exit("bench/sanitize.py needs a CUDA device")
     failed = False
     for backend in args.backends.split(","):
-        reason = backends.why_not(backend, "cuda")
+        reason = backends.why_not(backend, DEVICE)
         if reason:
             print(f"{backend}: not available: {reason}")
             failed = True
