@@ -95,44 +95,10 @@ class AuthorsStyleAdEMAMix(_AdEMAMixBase):
                 p.add_(-lr * update)
 
 
-class ForeachAdEMAMix(_AdEMAMixBase):
-    """The same step with torch._foreach ops over every tensor of a group at once."""
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            beta1, beta2, beta3 = group["betas"]
-            states = [self._init_state(p) for p in params]
-            for s in states:
-                s["step"] += 1
-            t = states[0]["step"]  # a group steps together
-            grads = [p.grad for p in params]
-            m1s = [s["exp_avg_fast"] for s in states]
-            m2s = [s["exp_avg_slow"] for s in states]
-            nus = [s["exp_avg_sq"] for s in states]
-            torch._foreach_mul_(m1s, beta1)
-            torch._foreach_add_(m1s, grads, alpha=1 - beta1)
-            torch._foreach_mul_(m2s, beta3)
-            torch._foreach_add_(m2s, grads, alpha=1 - beta3)
-            torch._foreach_mul_(nus, beta2)
-            torch._foreach_addcmul_(nus, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(nus)
-            torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
-            torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(m1s, 1 - beta1**t)
-            torch._foreach_add_(update, m2s, alpha=group["alpha"])
-            torch._foreach_div_(update, denom)
-            torch._foreach_add_(update, params, alpha=group["weight_decay"])
-            torch._foreach_add_(params, update, alpha=-group["lr"])
-
-
-def _foreach_ademamix_graph(params, grads, m1s, m2s, nus, steps, lr, beta1, beta2, beta3, alpha,
-                            eps, weight_decay):
-    """The foreach step with the step counts on the device, so the compiled graph has no host
-    values that change from step to step (and so compiles once)."""
+def _foreach_ademamix(params, grads, m1s, m2s, nus, steps, lr, beta1, beta2, beta3, alpha, eps,
+                      weight_decay):
+    """The step with torch._foreach ops over a group's tensors. Step counts are device tensors,
+    so torch.compile sees no host values that change between steps (and compiles once)."""
     torch._foreach_add_(steps, 1)
     bc1 = torch._foreach_pow(beta1, steps)
     torch._foreach_neg_(bc1)
@@ -157,9 +123,40 @@ def _foreach_ademamix_graph(params, grads, m1s, m2s, nus, steps, lr, beta1, beta
     torch._foreach_add_(params, update, alpha=-lr)
 
 
-class CompiledForeachAdEMAMix(_AdEMAMixBase):
-    """The foreach step compiled by torch.compile. The first step() compiles; its wall time is
-    kept in `compile_seconds`."""
+class ForeachAdEMAMix(_AdEMAMixBase):
+    """AdEMAMix with torch._foreach ops over every tensor of a group at once (eager)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._step_fn = _foreach_ademamix
+
+    def _init_state(self, p):
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg_fast"] = torch.zeros_like(p)
+            state["exp_avg_slow"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            beta1, beta2, beta3 = group["betas"]
+            self._step_fn(
+                params, [p.grad for p in params], [s["exp_avg_fast"] for s in states],
+                [s["exp_avg_slow"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], group["lr"], beta1, beta2, beta3, group["alpha"],
+                group["eps"], group["weight_decay"])
+
+
+class CompiledForeachAdEMAMix(ForeachAdEMAMix):
+    """The same foreach step compiled by torch.compile. The first step() compiles; its wall time
+    is kept in `compile_seconds`."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -174,35 +171,16 @@ class CompiledForeachAdEMAMix(_AdEMAMixBase):
             torch._inductor.config.force_disable_caches = True
         except AttributeError:
             pass
-        self._compiled = torch.compile(_foreach_ademamix_graph, fullgraph=True)
+        self._step_fn = torch.compile(_foreach_ademamix, fullgraph=True)
         self.compile_seconds = None
-
-    def _init_state(self, p):
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg_fast"] = torch.zeros_like(p)
-            state["exp_avg_slow"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        return state
 
     @torch.no_grad()
     def step(self):
         first = self.compile_seconds is None
         t0 = time.perf_counter()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            states = [self._init_state(p) for p in params]
-            beta1, beta2, beta3 = group["betas"]
-            self._compiled(
-                params, [p.grad for p in params], [s["exp_avg_fast"] for s in states],
-                [s["exp_avg_slow"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states], group["lr"], beta1, beta2, beta3, group["alpha"],
-                group["eps"], group["weight_decay"])
+        super().step()
         if first:
-            if params[0].is_cuda:
+            if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - t0
 
