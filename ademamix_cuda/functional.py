@@ -120,6 +120,8 @@ def ademamix(
         exp_avg_fasts = []
     elif beta1 == 0.0:
         raise ValueError("beta1 == 0 uses no exp_avg_fast buffers: pass None")
+    elif any(m is None for m in exp_avg_fasts):
+        raise ValueError(f"exp_avg_fasts holds None for some params but beta1 = {beta1} != 0")
     lengths = [len(grads), len(exp_avg_fasts) if beta1 != 0.0 else n, len(exp_avg_slows),
                len(exp_avg_sqs), len(state_steps)]
     if any(length != n for length in lengths):

@@ -117,6 +117,20 @@ def test_params_on_different_devices(backend):
     call.assert_unchanged(snap, "mixed devices")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_fast_ema_with_nonzero_beta1(backend):
+    """beta1 != 0 needs an exp_avg_fast for every param: a None among them is refused up front."""
+    require_backend(backend)
+    call = FunctionalCall(backend)
+    fasts = call.m1
+    call.m1 = [fasts[0], None] + fasts[2:]
+    snap = [[t.clone() for t in lst] for lst in (call.params, fasts, call.m2, call.nu, call.steps)]
+    with pytest.raises(ValueError, match=r"(?i)exp_avg_fast.*beta1"):
+        call()
+    call.m1 = fasts
+    call.assert_unchanged(snap, "a None exp_avg_fast")
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["fresh", "after_a_good_call"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_shape_mismatch(backend, cached):
