@@ -2,12 +2,17 @@
 # The GPU machine's checks in stages that each fit one 10-minute device call. Everything it
 # prints also goes to $OUT/<stage>.log; the benchmark's JSON and PNG land in $OUT.
 #
-#   bash bench/gpu_session.sh test    build (with the ptxas report), GPU tests, compute-sanitizer
-#   bash bench/gpu_session.sh bench   the full benchmark with the Triton sweep
-#   bash bench/gpu_session.sh slow    the > 2^31-element test, and ncu on one step of each kernel
+#   bash bench/gpu_session.sh test       build (with the ptxas report), the GPU tests (not slow)
+#   bash bench/gpu_session.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck
+#   bash bench/gpu_session.sh bench      the full benchmark with the Triton sweep
+#   bash bench/gpu_session.sh slow       the > 2^31-element test, and ncu on one step of each kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bash bench/gpu_session.sh test|bench|slow}
+stage=${1:-}
+case "$stage" in
+  test|sanitize|bench|slow) ;;
+  *) echo "usage: bash bench/gpu_session.sh test|sanitize|bench|slow" >&2; exit 2 ;;
+esac
 OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/$stage.log") 2>&1
@@ -24,6 +29,8 @@ rm -f "$OUT/build-$stage.txt"
 case "$stage" in
   test)
     "$PY" -m pytest -q -rs -m "not slow" tests
+    ;;
+  sanitize)
     for tool in memcheck racecheck synccheck; do
       echo "== compute-sanitizer --tool $tool"
       compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" bench/sanitize.py || echo "== $tool FAILED ($?)"
@@ -42,9 +49,5 @@ case "$stage" in
         "$PY" -m bench --sets gpt --dtypes fp32 --impls "$impl" --no-graph --no-check \
         --warmup 2 --reps 1 --max-reps 1 --min-time 0 --host-steps 1 --no-plot --out /tmp
     done
-    ;;
-  *)
-    echo "unknown stage $stage" >&2
-    exit 2
     ;;
 esac
