@@ -266,7 +266,7 @@ def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_
                  alpha_warmup=alpha_warmup)
     constants = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     uniform = all(t == steps[0] for t in steps)  # the usual case: one set of scalars
-    per_step = [_step_scalars(steps[0], **hyper)] if uniform else [_step_scalars(t, **hyper) for t in steps]
+    per_step = [_step_scalars(t, **hyper) for t in (steps[:1] if uniform else steps)]
     fasts = exp_avg_fasts or [None] * len(params)
     if per_tensor:
         for i, (p, g, m1, m2, nu) in enumerate(zip(work_params, work_grads, fasts, exp_avg_slows,
