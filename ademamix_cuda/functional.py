@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
+from .overlap import check_disjoint
 from .schedules import alpha_at, beta3_at, bias_corrections
 
 __all__ = ["ademamix", "check_hyperparameters"]
@@ -139,6 +140,7 @@ def ademamix(
     name = backends.resolve(backend, device)
     if name in ("single", "foreach"):
         _check_tensors(*lists)
+        check_disjoint(lists)
     else:
         # The kernels check the rest; a device mix must be caught before dispatch, which would
         # route a call holding one meta tensor to the (no-op) fake kernel.
@@ -153,13 +155,18 @@ def ademamix(
         found_inf=found_inf)
 
 
-def run(name, lists, *, one_dtype, **hyper):
+def run(name, lists, *, one_dtype, stepper=None, **hyper):
     """Runs backend `name` on checked `lists` (exp_avg_fasts an empty list when beta1 == 0).
 
     `one_dtype` says all params share a dtype; else the kernel backends run once per dtype.
+    `stepper`: a triton_kernels.Stepper made for exactly these lists, whose host work per step is
+    smaller (the optimizer keeps one per param group).
     """
     if name in ("single", "foreach"):
         _torch_step(*lists, per_tensor=(name == "single"), **hyper)
+        return
+    if stepper is not None:
+        _triton_step(*lists, stepper=stepper, **hyper)
         return
     kernel = _cuda_step if name == "cuda" else _triton_step
     if one_dtype:
@@ -186,11 +193,14 @@ def _cuda_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_s
 
 
 def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
-                 **hyper):
+                 stepper=None, **hyper):
     from .triton_kernels import ademamix_step_
 
     if isinstance(lr, Tensor) and lr.device != params[0].device:
         lr = lr.item()
+    if stepper is not None:
+        stepper.step(grads, lr=lr, **hyper)
+        return
     ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr,
                    **hyper)
 

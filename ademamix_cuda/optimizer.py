@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, functional
+from .overlap import check_disjoint
 
 __all__ = ["AdEMAMix"]
 
@@ -35,6 +36,7 @@ class _Plan:
     exp_avg_slows: list
     exp_avg_sqs: list
     state_steps: list
+    stepper: object  # the Triton backend's per-group launcher, else None
 
 
 class AdEMAMix(Optimizer):
@@ -106,7 +108,8 @@ class AdEMAMix(Optimizer):
                      plan.state_steps]
             if plan.backend not in _KERNEL_BACKENDS:
                 functional._check_tensors(*lists)
-            functional.run(plan.backend, lists, one_dtype=plan.one_dtype, **hyper)
+            functional.run(plan.backend, lists, one_dtype=plan.one_dtype, stepper=plan.stepper,
+                           **hyper)
             self.backend_used = plan.backend
         return loss
 
@@ -133,6 +136,7 @@ class AdEMAMix(Optimizer):
                 raise RuntimeError(
                     f"a grad must match its param: grad is {g.dtype}{list(g.shape)} on {g.device}, "
                     f"param is {p.dtype}{list(p.shape)} on {p.device}")
+        check_disjoint([params, grads])  # a param listed twice would share its states too
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise RuntimeError("all params of one param group must be on one device, got "
@@ -143,13 +147,19 @@ class AdEMAMix(Optimizer):
         for p in params:
             self._init_state(p, beta1_zero, step_device)
         states = [self.state[p] for p in params]
-        plan = _Plan(
-            has_grad=has_grad, beta1_zero=beta1_zero, backend_setting=group["backend"],
-            backend=backend, one_dtype=len({p.dtype for p in params}) == 1, params=params,
-            exp_avg_fasts=[] if beta1_zero else [s["exp_avg_fast"] for s in states],
-            exp_avg_slows=[s["exp_avg_slow"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-            state_steps=[s["step"] for s in states])
+        lists = dict(params=params,
+                     exp_avg_fasts=[] if beta1_zero else [s["exp_avg_fast"] for s in states],
+                     exp_avg_slows=[s["exp_avg_slow"] for s in states],
+                     exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                     state_steps=[s["step"] for s in states])
+        one_dtype = len({p.dtype for p in params}) == 1
+        stepper = None
+        if backend == "triton" and one_dtype:
+            from .triton_kernels import Stepper
+
+            stepper = Stepper(*lists.values())
+        plan = _Plan(has_grad=has_grad, beta1_zero=beta1_zero, backend_setting=group["backend"],
+                     backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
         self._plans[index] = plan
         return plan
 

@@ -33,13 +33,14 @@ constexpr int64_t kChunkSize = 16384;
 constexpr int kBlockSize = 256;
 constexpr int kVecElems = 4;  // elements per vector access: 16 B of fp32 state, 8 B of bf16/fp16
 constexpr int kUnroll = 2;    // vector groups per thread whose loads are in flight together
+constexpr int kScalarUnroll = 4;  // the same for the scalar path (misaligned views, chunk tails)
 
 // Per-tensor record of the plan (64 B: one cache line per tensor).
 struct TensorRecord {
   void* ptr[kNumLists];  // indexed by k*Idx; ptr[kExpAvgFastIdx] is null when beta1 == 0
   int64_t numel;
   float* step;
-  int32_t aligned16;  // every pointer 16-byte aligned: the vector path is legal
+  int32_t vector_ok;  // every pointer aligned to its kVecElems-element access: the vector path is legal
   int32_t pad;
 };
 static_assert(sizeof(TensorRecord) == 64, "TensorRecord is one 64-byte line");
@@ -54,6 +55,25 @@ struct ChunkRecord {
 ADEMAMIX_HD int64_t num_chunks(int64_t numel) {
   return numel == 0 ? 1 : (numel + kChunkSize - 1) / kChunkSize;
 }
+
+// Elements of chunk `chunk` of a tensor (0 for the chunk of an empty tensor). Fits in int.
+ADEMAMIX_HD int chunk_length(int64_t numel, int64_t chunk) {
+  const int64_t left = numel - chunk * kChunkSize;
+  return static_cast<int>(left < kChunkSize ? left : kChunkSize);
+}
+
+// Per-tensor block counter. Every block of a tensor adds one once it has read the step count;
+// the block that brings the counter to a multiple of the tensor's chunk count is the last of
+// its launch and writes the new count. The counter only grows (no reset store): if two launches
+// with the same plan ever overlap, it still ends at a multiple, and the next launch counts right.
+using BlockCounter = unsigned long long;
+
+// The plan of one launch as the blocks see it.
+struct LaunchPlan {
+  const TensorRecord* tensors;
+  const ChunkRecord* chunks;   // one per block
+  BlockCounter* counters;      // one per tensor
+};
 
 // Hyperparameters as the kernels see them. The host computes every difference and logarithm in
 // double and rounds once to float (1 - 0.9999 in fp32 would carry 3e-4 relative error).
@@ -220,11 +240,12 @@ struct ChunkPtrs {
   float* nu;
 };
 
-// Updates kUnroll groups of N consecutive elements: groups first, first + kBlockSize, ...
-// All loads are issued before any math so that they are in flight together.
-template <class V, int N, int Unroll>
+// Updates Unroll groups of N consecutive elements: groups first, first + kBlockSize, ...
+// All loads are issued before any math so that they are in flight together; `scalars` is
+// called after the loads, so the per-chunk scalar math of a thread's first groups overlaps them.
+template <class V, int N, int Unroll, class Scalars>
 ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int first,
-                               const HyperParams& h, const StepScalars& s) {
+                               const HyperParams& h, Scalars&& scalars) {
   using T = typename V::param_t;
   using PackT = Packed<T, N>;
   using PackF = Packed<float, N>;
@@ -241,6 +262,7 @@ ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int firs
     m2[u] = *reinterpret_cast<const PackF*>(c.m2 + e);
     nu[u] = *reinterpret_cast<const PackF*>(c.nu + e);
   }
+  const StepScalars& s = scalars();
   ADEMAMIX_UNROLL
   for (int u = 0; u < Unroll; ++u) {
     ADEMAMIX_UNROLL
@@ -266,39 +288,101 @@ ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int firs
   }
 }
 
-// The share of one chunk that thread `tid` of a kBlockSize-thread block updates. The CUDA
-// kernel runs it once per thread; the CPU kernel runs it for tid = 0..kBlockSize-1 in turn, so
-// the CPU tests walk the same index arithmetic, vector groups and tails as the GPU.
-// Offsets inside a chunk fit in int; the chunk's base offset is 64-bit.
-template <class V>
-ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int tid,
-                                    const HyperParams& h, const StepScalars& s) {
+// Runs update_groups<V, N, Unroll> over the groups tid, tid + kBlockSize, ... below n_groups,
+// then the remaining ones one at a time.
+template <class V, int N, int Unroll, class Scalars>
+ADEMAMIX_HD void update_strided(const ChunkPtrs<typename V::param_t>& c, int tid, int n_groups,
+                                const HyperParams& h, Scalars&& scalars) {
+  int group = tid;
+  for (; group + (Unroll - 1) * kBlockSize < n_groups; group += Unroll * kBlockSize) {
+    update_groups<V, N, Unroll>(c, group, h, scalars);
+  }
+  for (; group < n_groups; group += kBlockSize) {
+    update_groups<V, N, 1>(c, group, h, scalars);
+  }
+}
+
+// The share of one chunk (of `len` elements) that thread `tid` of a kBlockSize-thread block
+// updates. `get_scalars()` gives the chunk's StepScalars; it is called once, after this
+// thread's first loads are issued. Offsets inside a chunk fit in int; the chunk's base is 64-bit.
+template <class V, class GetScalars>
+ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int len, int tid,
+                                    const HyperParams& h, GetScalars&& get_scalars) {
   using T = typename V::param_t;
   const int64_t start = chunk * kChunkSize;
-  const int64_t left = rec.numel - start;
-  const int len = static_cast<int>(left < kChunkSize ? left : kChunkSize);
   ChunkPtrs<T> c;
   c.param = assume_global(static_cast<T*>(rec.ptr[kParamIdx]) + start);
   c.grad = assume_global(static_cast<const T*>(rec.ptr[kGradIdx]) + start);
   c.m1 = V::kHasM1 ? assume_global(static_cast<float*>(rec.ptr[kExpAvgFastIdx]) + start) : nullptr;
   c.m2 = assume_global(static_cast<float*>(rec.ptr[kExpAvgSlowIdx]) + start);
   c.nu = assume_global(static_cast<float*>(rec.ptr[kExpAvgSqIdx]) + start);
+  StepScalars s;
+  bool have_s = false;
+  const auto scalars = [&]() -> const StepScalars& {
+    if (!have_s) {
+      s = get_scalars();
+      have_s = true;
+    }
+    return s;
+  };
   int scalar_from = 0;
-  if (rec.aligned16) {
+  if (rec.vector_ok) {
     // A chunk starts at a multiple of kChunkSize elements, so aligned tensors give aligned chunks.
     const int n_groups = len / kVecElems;
-    int group = tid;
-    for (; group + (kUnroll - 1) * kBlockSize < n_groups; group += kUnroll * kBlockSize) {
-      update_groups<V, kVecElems, kUnroll>(c, group, h, s);
-    }
-    for (; group < n_groups; group += kBlockSize) {
-      update_groups<V, kVecElems, 1>(c, group, h, s);
-    }
+    update_strided<V, kVecElems, kUnroll>(c, tid, n_groups, h, scalars);
     scalar_from = n_groups * kVecElems;
   }
   // Misaligned views (odd storage offsets) and the last len % kVecElems elements.
-  for (int i = scalar_from + tid; i < len; i += kBlockSize) {
-    update_groups<V, 1, 1>(c, i, h, s);
+  update_strided<V, 1, kScalarUnroll>(c, scalar_from + tid, len, h, scalars);
+}
+
+// The multi-processor finish of a tensor's step in a block: true for the last block of the
+// tensor in this launch (see BlockCounter). Tensors of one chunk need no counter.
+ADEMAMIX_HD bool is_last_block(BlockCounter* counter, int64_t n_chunks) {
+  if (n_chunks == 1) {
+    return true;
+  }
+#if defined(__CUDA_ARCH__)
+  __threadfence();  // this block's reads of the step count come before its increment
+  const BlockCounter done = atomicAdd(counter, 1ull) + 1ull;
+  const bool last = done % static_cast<BlockCounter>(n_chunks) == 0;
+  if (last) {
+    __threadfence();  // and the last block's write of it after every other block's increment
+  }
+  return last;
+#else
+  const BlockCounter done = __atomic_add_fetch(counter, 1ull, __ATOMIC_ACQ_REL);
+  return done % static_cast<BlockCounter>(n_chunks) == 0;
+#endif
+}
+
+// One block of a launch: the whole step of chunk `block` of the plan, step count included.
+// `Block` maps the block's threads onto the machine: on CUDA every thread of a real block runs
+// this function; the CPU kernel runs it once per block with the threads taken in turn. It
+// provides for_each_thread(n_busy, f) (f(tid) for every thread; threads >= n_busy have no
+// work), sync() (__syncthreads), leader() (thread 0) and scalars(f) (the chunk's StepScalars
+// from f, which the CPU computes once per block).
+template <class V, class Block>
+ADEMAMIX_HD void step_block(const LaunchPlan& plan, int64_t block, const HyperParams& h,
+                            const ScalarPtrs& d, Block& b) {
+  // The records are loaded before the found_inf test, so the two reads overlap.
+  const ChunkRecord chunk = plan.chunks[block];
+  const TensorRecord rec = plan.tensors[chunk.tensor];
+  if (skip_step<V>(d)) {
+    return;  // every block returns: no update, no step increment, counters untouched
+  }
+  // Every block of a tensor reads the OLD step; the last of them to finish writes old + 1.
+  float* const step = assume_global(rec.step);
+  const float old_step = *step;
+  const int len = chunk_length(rec.numel, chunk.chunk);
+  b.for_each_thread(len, [&](int tid) {
+    update_chunk_share<V>(rec, chunk.chunk, len, tid, h, [&] {
+      return b.scalars([&] { return step_scalars<V>(h, d, old_step + 1.0f); });
+    });
+  });
+  b.sync();  // all threads of this block have read the step
+  if (b.leader() && is_last_block(plan.counters + chunk.tensor, num_chunks(rec.numel))) {
+    *step = old_step + 1.0f;
   }
 }
 

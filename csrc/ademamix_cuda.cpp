@@ -1,6 +1,7 @@
 // The CUDA implementation of ademamix::step_: checks, the cached device plan, one launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,8 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include <list>
-#include <mutex>
+#include <cstring>
 #include <vector>
 
 #include "ademamix.h"
@@ -26,117 +26,109 @@ bool stream_is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Pinned memory for a plan uploaded while a CUDA graph is being captured. The graph's memcpy
-// node re-reads it at every replay, so it is never freed. Allocating pinned memory is no
-// stream operation, but the stricter capture modes may refuse it: relax the mode around it.
-void* alloc_pinned_for_graph(size_t bytes) {
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-  void* ptr = nullptr;
-  const cudaError_t err = cudaHostAlloc(&ptr, bytes, cudaHostAllocDefault);
-  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-  C10_CUDA_CHECK(err);
-  return ptr;
-}
-
-// Device copies of plans, keyed by everything a plan is made of (PlanKey: the device and, per
-// tensor, five data pointers, the step pointer and numel), compared in full; the hash only
-// short-cuts. A training loop reuses the same tensors every step: one build and upload.
-class PlanCache {
- public:
-  struct Handle {
-    at::Tensor buffer;  // holds the device plan alive until the launch is enqueued
-    int64_t n_chunks;
-    size_t chunks_offset, counters_offset;
-  };
-
-  Handle get(const PlanKey& key, const at::Device& device, const c10::cuda::CUDAStream& stream) {
-    const size_t hash = key.hash();
-    const bool capturing = stream_is_capturing(stream.stream());
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->hash != hash || it->key != key.words) {
-        continue;
-      }
-      entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-      Entry& e = entries_.front();
-      if (capturing) {
-        e.used_by_graph = true;  // the graph reads e.buffer at every replay: never evict
-      } else if (e.stream != stream.stream()) {
-        // Freeing the buffer later must wait for this stream's use of it too.
-        c10::cuda::CUDACachingAllocator::recordStream(e.buffer.storage().data_ptr(), stream);
-      }
-      return e.handle();
-    }
-    entries_.push_front(make_entry(key, hash, device, stream, capturing));
-    evict();
-    return entries_.front().handle();
-  }
-
- private:
-  struct Entry {
-    std::vector<uintptr_t> key;
-    size_t hash;
-    at::Tensor buffer;
-    cudaStream_t stream;  // the stream that allocated and uploaded it
-    bool used_by_graph;
-    int64_t n_chunks;
-    size_t chunks_offset, counters_offset;
-    Handle handle() const { return Handle{buffer, n_chunks, chunks_offset, counters_offset}; }
-  };
-
-  // Plans held apart from those a CUDA graph uses (which are never evicted).
-  static constexpr size_t kMaxEvictable = 16;
-
-  static Entry make_entry(const PlanKey& key, size_t hash, const at::Device& device,
-                          const c10::cuda::CUDAStream& stream, bool capturing) {
-    const Plan plan = build_plan(key);
-    const size_t bytes = plan.bytes();
-    const auto bytes_options = at::TensorOptions().dtype(at::kByte);
-    Entry e{key.words,
-            hash,
-            at::empty({static_cast<int64_t>(bytes)}, bytes_options.device(device)),
-            stream.stream(),
-            capturing,
-            static_cast<int64_t>(plan.chunks.size()),
-            plan.chunks_offset(),
-            plan.counters_offset()};
-    if (capturing) {
-      void* host = alloc_pinned_for_graph(bytes);
-      plan.serialize(host);
-      C10_CUDA_CHECK(cudaMemcpyAsync(e.buffer.data_ptr(), host, bytes, cudaMemcpyHostToDevice,
-                                     stream.stream()));
-    } else {
-      // torch's pinned allocator keeps the staging buffer from reuse until the copy has run,
-      // so it can be dropped right away without a sync.
-      at::Tensor host =
-          at::empty({static_cast<int64_t>(bytes)}, bytes_options.pinned_memory(true));
-      plan.serialize(host.data_ptr());
-      e.buffer.copy_(host, /*non_blocking=*/true);
-    }
-    return e;
-  }
-
-  void evict() {
-    size_t evictable = 0;
-    for (const Entry& e : entries_) {
-      evictable += e.used_by_graph ? 0 : 1;
-    }
-    for (auto it = entries_.end(); evictable > kMaxEvictable && it != entries_.begin();) {
-      --it;
-      if (!it->used_by_graph) {
-        it = entries_.erase(it);  // the caching allocator orders the free after queued work
-        --evictable;
-      }
-    }
-  }
-
-  std::mutex mutex_;
-  std::list<Entry> entries_;
+// A buffer written while a CUDA graph is being captured: device memory, and the pinned host copy
+// that the graph's memcpy node reads at every replay. Both come from cudaMalloc / cudaHostAlloc,
+// outside the caching allocator and so outside the capture's private pool, which CUDA-graph
+// trees (torch.compile mode="reduce-overhead") may hand to other tensors. They are freed with
+// the tensor, which the plan caches never do for a buffer a graph reads.
+struct GraphUpload {
+  at::Tensor buffer;
+  const void* host;  // what the graph uploads; eager users must upload it themselves first
 };
 
-PlanCache& plan_cache() {
-  static PlanCache* cache = new PlanCache();  // leaked: no CUDA frees during interpreter exit
+template <class Fill>
+GraphUpload upload_in_graph(size_t bytes, const at::Device& device, cudaStream_t stream,
+                            Fill&& fill) {
+  void* dev = nullptr;
+  void* host = nullptr;
+  // The stricter capture modes refuse allocations during a capture; they are no stream work.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  cudaError_t err = cudaMalloc(&dev, bytes);
+  if (err == cudaSuccess) {
+    err = cudaHostAlloc(&host, bytes, cudaHostAllocDefault);
+    if (err != cudaSuccess) {
+      (void)cudaFree(dev);
+    }
+  }
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  C10_CUDA_CHECK(err);
+  fill(host);
+  at::Tensor buffer = at::from_blob(
+      dev, {static_cast<int64_t>(bytes)},
+      [host](void* p) {
+        (void)cudaFree(p);
+        (void)cudaFreeHost(host);
+      },
+      at::TensorOptions().dtype(at::kByte).device(device));
+  C10_CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream));
+  return GraphUpload{buffer, host};
+}
+
+// A device plan. Built eagerly, it lives in the caching allocator like any tensor; built during
+// a capture, it is a GraphUpload, and `pending` holds its host copy until an eager call has
+// uploaded it (the graph's own copy runs only at its replays, which may come later or never).
+struct CudaPlan {
+  std::vector<uintptr_t> words;
+  size_t hash;
+  bool keep;  // a CUDA graph reads it: never evicted
+  PlanView plan;
+  size_t bytes;
+  cudaStream_t stream;  // the stream that built it
+  const void* pending;  // non-null: the device copy may not have been written yet
+  PlanView view() const { return plan; }
+};
+
+CudaPlan make_cuda_plan(const PlanKey& key, size_t hash, const at::Device& device,
+                        const c10::cuda::CUDAStream& stream, bool capturing) {
+  const Plan plan = build_plan(key);
+  const size_t bytes = plan.bytes();
+  CudaPlan e{key.words, hash, capturing, PlanView{}, bytes, stream.stream(), nullptr};
+  e.plan.n_chunks = static_cast<int64_t>(plan.chunks.size());
+  e.plan.chunks_offset = plan.chunks_offset();
+  e.plan.counters_offset = plan.counters_offset();
+  if (capturing) {
+    GraphUpload up = upload_in_graph(bytes, device, stream.stream(),
+                                     [&](void* host) { plan.serialize(host); });
+    e.plan.buffer = up.buffer;
+    e.pending = up.host;
+  } else {
+    const auto bytes_options = at::TensorOptions().dtype(at::kByte);
+    e.plan.buffer = at::empty({static_cast<int64_t>(bytes)}, bytes_options.device(device));
+    // torch's pinned allocator keeps the staging buffer from reuse until the copy has run,
+    // so it can be dropped right away without a sync.
+    at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, bytes_options.pinned_memory(true));
+    plan.serialize(host.data_ptr());
+    e.plan.buffer.copy_(host, /*non_blocking=*/true);
+  }
+  return e;
+}
+
+void use_cuda_plan(CudaPlan& e, const c10::cuda::CUDAStream& stream, bool capturing) {
+  if (capturing) {
+    e.keep = true;  // the graph reads e.plan.buffer at every replay
+    if (e.pending != nullptr) {
+      // Not known to be written: this graph uploads it too (it may be replayed without the
+      // graph that built the plan).
+      C10_CUDA_CHECK(cudaMemcpyAsync(e.plan.buffer.data_ptr(), e.pending, e.bytes,
+                                     cudaMemcpyHostToDevice, stream.stream()));
+    }
+    return;
+  }
+  if (e.pending != nullptr) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(e.plan.buffer.data_ptr(), e.pending, e.bytes,
+                                   cudaMemcpyHostToDevice, stream.stream()));
+    e.pending = nullptr;
+  }
+  if (e.stream != stream.stream()) {
+    // Freeing the buffer later must wait for this stream's use of it too (a no-op for the
+    // buffers of graph plans, which the caching allocator does not own).
+    c10::cuda::CUDACachingAllocator::recordStream(e.plan.buffer.storage().data_ptr(), stream);
+  }
+}
+
+PlanCache<CudaPlan>& plan_cache() {
+  static auto* cache = new PlanCache<CudaPlan>();  // leaked: no CUDA frees during interpreter exit
   return *cache;
 }
 
@@ -159,23 +151,44 @@ void step_cuda(const StepArgs& a) {
     return;
   }
   const at::Tensor& param0 = a.lists[kParamIdx][0];
-  const c10::cuda::CUDAGuard guard(param0.device());
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(param0.device().index());
-  const PlanCache::Handle plan = plan_cache().get(key, param0.device(), stream);
-  char* base = static_cast<char*>(plan.buffer.data_ptr());
+  const at::Device device = param0.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = stream_is_capturing(stream.stream());
+  const PlanView plan = plan_cache().get(
+      key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
+      [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
   LaunchArgs la;
   la.dtype = param_dtype(param0.scalar_type());
   la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
-  la.tensors = reinterpret_cast<const TensorRecord*>(base);
-  la.chunks = reinterpret_cast<const ChunkRecord*>(base + plan.chunks_offset);
-  la.chunk_counters = reinterpret_cast<uint32_t*>(base + plan.counters_offset);
+  la.plan = plan.launch_plan();
   la.n_chunks = plan.n_chunks;
   la.hyper = make_hyper_params(a);
   la.scalars = make_scalar_ptrs(a);
   launch_ademamix_step(la, stream.stream());
 }
 
+// For the Triton backend's tables built during a capture: `host` (a CPU tensor) copied into a
+// GraphUpload on the current stream of `device`. The caller keeps `host` and uploads it itself
+// before an eager use.
+at::Tensor upload_in_graph_op(const at::Tensor& host, at::Device device) {
+  TORCH_CHECK(host.device().is_cpu() && host.is_contiguous(), "ademamix::_upload_in_graph: ",
+              "host must be a contiguous CPU tensor");
+  TORCH_CHECK(device.is_cuda(), "ademamix::_upload_in_graph: device must be a CUDA device");
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const size_t bytes = host.nbytes();
+  at::Tensor buffer = upload_in_graph(bytes, device, stream, [&](void* dst) {
+                        std::memcpy(dst, host.const_data_ptr(), bytes);
+                      }).buffer;
+  return buffer.view(host.scalar_type()).view(host.sizes());
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ademamix, m) {
+  m.def("_upload_in_graph(Tensor host, Device device) -> Tensor", TORCH_FN(upload_in_graph_op));
+}
 
 TORCH_LIBRARY_IMPL(ademamix, CUDA, m) {
   m.impl("step_", TORCH_FN((step_op<step_cuda, double>)));

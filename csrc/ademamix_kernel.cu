@@ -27,46 +27,30 @@ struct Cast<__half> {
 
 namespace {
 
-// Up to 4 resident blocks per SM (64 registers a thread at most): 1024 threads with 10 16-byte
-// loads each in flight is far more than HBM3 needs to stay busy.
+// ptxas gives the kernels 74-80 registers, so 3 blocks of 256 threads fit an SM (65536
+// registers); the bound keeps it that way. 768 threads, each with kUnroll x 5 16-byte loads in
+// flight, keep HBM3 busy.
 constexpr int kMinBlocksPerSm = 3;
+
+// The threads of a real CUDA block (see step_block).
+struct CudaBlock {
+  template <class F>
+  __device__ __forceinline__ void for_each_thread(int /*n_busy*/, F&& f) const {
+    f(static_cast<int>(threadIdx.x));
+  }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+  template <class F>
+  __device__ __forceinline__ StepScalars scalars(F&& compute) const {
+    return compute();
+  }
+};
 
 template <class V>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
-    ademamix_step_kernel(const TensorRecord* __restrict__ tensors,
-                         const ChunkRecord* __restrict__ chunks,
-                         uint32_t* __restrict__ chunk_counters, HyperParams h, ScalarPtrs d) {
-  if (skip_step<V>(d)) {
-    return;  // every block returns: no update, no step increment, counters untouched
-  }
-  const ChunkRecord chunk = chunks[blockIdx.x];
-  const TensorRecord rec = tensors[chunk.tensor];
-  // Every block of a tensor reads the OLD step; the last of them to finish writes old + 1.
-  float* const step = assume_global(rec.step);
-  const float old_step = *step;
-  const StepScalars s = step_scalars<V>(h, d, old_step + 1.0f);
-  update_chunk_share<V>(rec, chunk.chunk, threadIdx.x, h, s);
-
-  __syncthreads();  // all threads of this block have read the step
-  if (threadIdx.x == 0) {
-    const int64_t n_chunks = num_chunks(rec.numel);
-    bool last = true;
-    if (n_chunks > 1) {
-      // Fence-atomic-fence: the block that completes the count sees every other block of the
-      // tensor done with its read of the step, then resets the counter for the next launch
-      // (so a CUDA graph can replay the kernel).
-      __threadfence();
-      const uint32_t done = atomicAdd(&chunk_counters[chunk.tensor], 1u);
-      last = done == static_cast<uint32_t>(n_chunks - 1);
-      if (last) {
-        __threadfence();
-        chunk_counters[chunk.tensor] = 0u;
-      }
-    }
-    if (last) {
-      *step = old_step + 1.0f;
-    }
-  }
+    ademamix_step_kernel(LaunchPlan plan, HyperParams h, ScalarPtrs d) {
+  CudaBlock block;
+  step_block<V>(plan, blockIdx.x, h, d, block);
 }
 
 template <typename T>
@@ -76,7 +60,7 @@ void launch_typed(const LaunchArgs& a, cudaStream_t stream) {
                         using V = decltype(v);
                         ademamix_step_kernel<V>
                             <<<static_cast<unsigned>(a.n_chunks), kBlockSize, 0, stream>>>(
-                                a.tensors, a.chunks, a.chunk_counters, a.hyper, a.scalars);
+                                a.plan, a.hyper, a.scalars);
                         C10_CUDA_KERNEL_LAUNCH_CHECK();
                       });
 }

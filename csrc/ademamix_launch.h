@@ -13,10 +13,7 @@ enum class ParamDtype { kFloat32, kBFloat16, kFloat16 };
 struct LaunchArgs {
   ParamDtype dtype;
   bool has_m1;
-  // The plan in device memory; chunk_counters has one zeroed word per tensor.
-  const TensorRecord* tensors;
-  const ChunkRecord* chunks;
-  uint32_t* chunk_counters;
+  LaunchPlan plan;   // in device memory
   int64_t n_chunks;  // grid size, <= INT32_MAX (checked by the caller)
   HyperParams hyper;
   ScalarPtrs scalars;  // null pointers select the variants without them

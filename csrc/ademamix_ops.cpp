@@ -3,11 +3,14 @@
 #include <Python.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -103,8 +106,9 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   }
 
   key.words.clear();
-  key.words.reserve(1 + n * PlanKey::kWordsPerTensor);
+  key.words.reserve(PlanKey::kHeaderWords + n * PlanKey::kWordsPerTensor);
   key.words.push_back(static_cast<uintptr_t>(device.index()));
+  key.words.push_back(static_cast<uintptr_t>(params[0].element_size()));
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_on_device(p, "params", i, device);
@@ -189,25 +193,80 @@ size_t PlanKey::hash() const {
   return h;
 }
 
+namespace {
+
+constexpr const char* kStepsName = "state_steps";
+
+// A tensor's memory in a call: [begin, end) bytes of list `list` (k*Idx, or kNumLists for the
+// step counts), entry `index`.
+struct Region {
+  uintptr_t begin, end;
+  int list;
+  size_t index;
+  bool written() const { return list != kGradIdx; }
+  const char* name() const { return list == kNumLists ? kStepsName : kListNames[list]; }
+};
+
+// Two blocks writing one address race (duplicate step tensors would be counted anywhere from
+// once to n times). Grads are only read, so grads may share memory with each other.
+void check_disjoint(const PlanKey& key) {
+  const size_t n = key.n_tensors();
+  const size_t elem = key.param_elem_size();
+  std::vector<Region> regions;
+  regions.reserve(n * (kNumLists + 1));
+  for (size_t i = 0; i < n; ++i) {
+    const uintptr_t* w = key.tensor_words(i);
+    const size_t numel = w[kNumLists + 1];
+    for (int k = 0; k < kNumLists && numel > 0; ++k) {
+      if (w[k] != 0) {
+        const size_t bytes = numel * (k == kParamIdx || k == kGradIdx ? elem : sizeof(float));
+        regions.push_back(Region{w[k], w[k] + bytes, k, i});
+      }
+    }
+    regions.push_back(Region{w[kNumLists], w[kNumLists] + sizeof(float), kNumLists, i});
+  }
+  std::sort(regions.begin(), regions.end(),
+            [](const Region& a, const Region& b) { return a.begin < b.begin; });
+  // Sweep: `reach` is the region that ends last among those seen. A region that starts before
+  // that end overlaps it; one of any overlapping pair that involves a written region is found.
+  const Region* reach = nullptr;
+  for (const Region& r : regions) {
+    if (reach != nullptr && r.begin < reach->end && (r.written() || reach->written())) {
+      TORCH_CHECK(false, kOp, reach->name(), "[", reach->index, "] and ", r.name(), "[", r.index,
+                  "] share memory; each param, state and step count of a call needs memory of its "
+                  "own (is a tensor listed twice?)");
+    }
+    if (reach == nullptr || r.end > reach->end) {
+      reach = &r;
+    }
+  }
+}
+
+}  // namespace
+
 Plan build_plan(const PlanKey& key) {
   const size_t n = key.n_tensors();
   TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), kOp,
               "too many tensors");
+  check_disjoint(key);
+  // The vector path reads kVecElems elements per access: 16 B of fp32 state, kVecElems params.
+  const uintptr_t param_align = kVecElems * key.param_elem_size();
   Plan plan;
   plan.tensors.resize(n);
   int64_t total_chunks = 0;
   for (size_t i = 0; i < n; ++i) {
-    const uintptr_t* w = key.words.data() + 1 + i * PlanKey::kWordsPerTensor;
+    const uintptr_t* w = key.tensor_words(i);
     TensorRecord& r = plan.tensors[i];
     r = TensorRecord{};
     bool aligned = true;
     for (int k = 0; k < kNumLists; ++k) {
       r.ptr[k] = reinterpret_cast<void*>(w[k]);
-      aligned = aligned && w[k] % 16 == 0;
+      const uintptr_t align = k == kParamIdx || k == kGradIdx ? param_align : 16;
+      aligned = aligned && w[k] % align == 0;
     }
     r.step = reinterpret_cast<float*>(w[kNumLists]);
     r.numel = static_cast<int64_t>(w[kNumLists + 1]);
-    r.aligned16 = aligned ? 1 : 0;
+    r.vector_ok = aligned ? 1 : 0;
     total_chunks += num_chunks(r.numel);
   }
   // One block per chunk: the grid's x dimension caps the count.
@@ -228,40 +287,100 @@ void Plan::serialize(void* dst) const {
   char* out = static_cast<char*>(dst);
   std::memcpy(out, tensors.data(), tensors.size() * sizeof(TensorRecord));
   std::memcpy(out + chunks_offset(), chunks.data(), chunks.size() * sizeof(ChunkRecord));
-  std::memset(out + counters_offset(), 0, tensors.size() * sizeof(uint32_t));
+  std::memset(out + chunks_offset() + chunks.size() * sizeof(ChunkRecord), 0,
+              bytes() - chunks_offset() - chunks.size() * sizeof(ChunkRecord));
 }
 
 namespace {
 
-// The CPU kernel: every chunk of the plan, each run as kBlockSize "threads" in turn through the
-// same update_chunk_share as the CUDA kernel. Steps are counted after every chunk has read them.
+// The CPU kernel runs the CUDA kernel's block function (step_block) on host threads: one block
+// at a time per thread, its kBlockSize threads in turn. __syncthreads is a no-op there (the
+// threads before it have all run), thread 0 runs last, and the block counter is a host atomic.
+class HostBlock {
+ public:
+  template <class F>
+  void for_each_thread(int n_busy, F&& f) {
+    const int n = n_busy < kBlockSize ? n_busy : kBlockSize;  // later threads have no work
+    for (int tid = 0; tid < n; ++tid) {
+      f(tid);
+    }
+  }
+  void sync() {}
+  bool leader() const { return true; }
+  template <class F>
+  const StepScalars& scalars(F&& compute) {
+    if (!have_scalars_) {
+      scalars_ = compute();
+      have_scalars_ = true;
+    }
+    return scalars_;
+  }
+
+ private:
+  StepScalars scalars_;
+  bool have_scalars_ = false;
+};
+
+struct CpuPlan {
+  std::vector<uintptr_t> words;
+  size_t hash;
+  bool keep;
+  PlanView plan;
+  PlanView view() const { return plan; }
+};
+
+CpuPlan make_cpu_plan(const PlanKey& key, size_t hash) {
+  const Plan plan = build_plan(key);
+  at::Tensor buffer =
+      at::empty({static_cast<int64_t>(plan.bytes())}, at::TensorOptions().dtype(at::kByte));
+  plan.serialize(buffer.data_ptr());
+  return CpuPlan{key.words, hash, false,
+                 PlanView{buffer, static_cast<int64_t>(plan.chunks.size()), plan.chunks_offset(),
+                          plan.counters_offset()}};
+}
+
+// The blocks of a launch in a shuffled order (a new one each launch), as a GPU may schedule
+// them: a step count written too early, or a counter that is not a multiple at launch end,
+// changes the numbers here, not only on a GPU.
+std::vector<int64_t> shuffled_blocks(int64_t n) {
+  static std::atomic<uint64_t> launches{0};
+  uint64_t state = 0x9e3779b97f4a7c15ull * (launches.fetch_add(1) + 1);
+  const auto next = [&state] {  // splitmix64
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    order[i] = i;
+  }
+  for (int64_t i = n - 1; i > 0; --i) {
+    std::swap(order[i], order[next() % static_cast<uint64_t>(i + 1)]);
+  }
+  return order;
+}
+
 void step_cpu(const StepArgs& a) {
+  static PlanCache<CpuPlan>* cache = new PlanCache<CpuPlan>();  // leaked, like the CUDA one
   PlanKey key;
   if (!check_step_args(a, c10::DeviceType::CPU, key)) {
     return;
   }
+  const PlanView view = cache->get(
+      key, [&](size_t hash) { return make_cpu_plan(key, hash); }, [](CpuPlan&) {});
+  const LaunchPlan plan = view.launch_plan();
   const HyperParams h = make_hyper_params(a);
   const ScalarPtrs d = make_scalar_ptrs(a);
-  const Plan plan = build_plan(key);
+  const std::vector<int64_t> order = shuffled_blocks(view.n_chunks);
   const auto run = [&](auto variant) {
     using V = decltype(variant);
-    if (skip_step<V>(d)) {
-      return;
-    }
-    at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1,
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t c = begin; c < end; ++c) {
-                         const ChunkRecord chunk = plan.chunks[c];
-                         const TensorRecord& rec = plan.tensors[chunk.tensor];
-                         const StepScalars s = step_scalars<V>(h, d, *rec.step + 1.0f);
-                         for (int tid = 0; tid < kBlockSize; ++tid) {
-                           update_chunk_share<V>(rec, chunk.chunk, tid, h, s);
-                         }
-                       }
-                     });
-    for (const TensorRecord& rec : plan.tensors) {
-      *rec.step += 1.0f;
-    }
+    at::parallel_for(0, view.n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        HostBlock block;
+        step_block<V>(plan, order[i], h, d, block);
+      }
+    });
   };
   const bool has_m1 = !a.lists[kExpAvgFastIdx].empty();
   const bool gs = a.grad_scale != nullptr, fi = a.found_inf != nullptr;

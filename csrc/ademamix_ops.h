@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <list>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -29,12 +31,17 @@ struct StepArgs {
 };
 
 // What a plan is made of, gathered while the arguments are checked (one pass over the
-// tensors): the device, then per tensor its five data pointers (0 for an absent m1), its step
-// pointer and numel. The CUDA plan cache compares keys in full.
+// tensors): the device and the param element size, then per tensor its five data pointers (0 for
+// an absent m1), its step pointer and numel. The plan caches compare keys in full.
 struct PlanKey {
+  static constexpr size_t kHeaderWords = 2;
   static constexpr size_t kWordsPerTensor = kNumLists + 2;
   std::vector<uintptr_t> words;
-  size_t n_tensors() const { return (words.size() - 1) / kWordsPerTensor; }
+  size_t n_tensors() const { return (words.size() - kHeaderWords) / kWordsPerTensor; }
+  size_t param_elem_size() const { return words[1]; }
+  const uintptr_t* tensor_words(size_t i) const {
+    return words.data() + kHeaderWords + i * kWordsPerTensor;
+  }
   size_t hash() const;
 };
 
@@ -47,18 +54,82 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
 HyperParams make_hyper_params(const StepArgs& a);
 ScalarPtrs make_scalar_ptrs(const StepArgs& a);
 
-// The chunk decomposition both backends walk. Byte layout of the device copy:
-// [TensorRecord x n_tensors][ChunkRecord x n_chunks][uint32 counter x n_tensors], counters zero.
+// The chunk decomposition both backends walk. Byte layout of a plan buffer:
+// [TensorRecord x n_tensors][ChunkRecord x n_chunks][BlockCounter x n_tensors], counters zero.
 struct Plan {
   std::vector<TensorRecord> tensors;
   std::vector<ChunkRecord> chunks;
   size_t chunks_offset() const { return tensors.size() * sizeof(TensorRecord); }
-  size_t counters_offset() const { return chunks_offset() + chunks.size() * sizeof(ChunkRecord); }
-  size_t bytes() const { return counters_offset() + tensors.size() * sizeof(uint32_t); }
+  size_t counters_offset() const {
+    const size_t end = chunks_offset() + chunks.size() * sizeof(ChunkRecord);
+    return (end + alignof(BlockCounter) - 1) / alignof(BlockCounter) * alignof(BlockCounter);
+  }
+  size_t bytes() const { return counters_offset() + tensors.size() * sizeof(BlockCounter); }
   void serialize(void* dst) const;  // writes bytes() bytes
 };
 
+// Builds the plan of `key`. Refuses a call in which a tensor the step writes (a param, a state,
+// a step count) shares memory with another tensor of the call: its blocks would race.
 Plan build_plan(const PlanKey& key);
+
+// A plan laid out in one buffer (on the device of the tensors), as a kernel launch needs it.
+struct PlanView {
+  at::Tensor buffer;  // keeps the plan alive until the launch is enqueued
+  int64_t n_chunks;
+  size_t chunks_offset, counters_offset;
+  LaunchPlan launch_plan() const {
+    char* b = static_cast<char*>(buffer.data_ptr());
+    return LaunchPlan{reinterpret_cast<const TensorRecord*>(b),
+                      reinterpret_cast<const ChunkRecord*>(b + chunks_offset),
+                      reinterpret_cast<BlockCounter*>(b + counters_offset)};
+  }
+};
+
+// Plans by key, most recently used first. A training loop reuses the same tensors every step:
+// one build per set of tensors. Entry is the backend's record: it has `words` and `hash` (the
+// key), `keep` (never evicted, e.g. read by a CUDA graph) and view() -> PlanView.
+template <class Entry>
+class PlanCache {
+ public:
+  // The view of the plan of `key`: on a hit on_hit(entry) runs first; on a miss make(hash)
+  // returns the new entry. Both run under the cache's lock.
+  template <class Make, class OnHit>
+  PlanView get(const PlanKey& key, Make&& make, OnHit&& on_hit) {
+    const size_t hash = key.hash();
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->hash == hash && it->words == key.words) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        on_hit(entries_.front());
+        return entries_.front().view();
+      }
+    }
+    entries_.push_front(make(hash));
+    evict();
+    return entries_.front().view();
+  }
+
+ private:
+  // Plans held apart from the kept ones.
+  static constexpr size_t kMaxEvictable = 16;
+
+  void evict() {
+    size_t evictable = 0;
+    for (const Entry& e : entries_) {
+      evictable += e.keep ? 0 : 1;
+    }
+    for (auto it = entries_.end(); evictable > kMaxEvictable && it != entries_.begin();) {
+      --it;
+      if (!it->keep) {
+        it = entries_.erase(it);  // a device buffer's free is ordered after its queued work
+        --evictable;
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+};
 
 // The op's kernel for both overloads of the schema (Lr = double, or const at::Tensor& for
 // step_.tensor_lr), forwarding to Run (the CPU or the CUDA implementation).

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import ademamix_cuda
-from reference import ReferenceAdEMAMix
+from reference import ReferenceAdEMAMix, reference_step
 
 BACKENDS = ("single", "foreach", "cuda", "triton")
 KERNEL_BACKENDS = ("cuda", "triton")
@@ -92,6 +92,10 @@ def require_backend(backend, device="cpu"):
     ok, why = ademamix_cuda.backends.available()[backend]
     # not a skip: the software is here, so "unavailable" would be a package bug
     assert ok, f"backend {backend!r} reported unavailable although its requirements are present: {why}"
+
+
+def requires_gpu(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(fn))
 
 
 def backend_params(devices=DEVICES, dtypes=None, backends=BACKENDS):
@@ -392,3 +396,56 @@ def assert_unchanged(params, opt, snap, what):
                     f"{what}: state {k!r} changed")
             else:
                 assert now[k] == v, f"{what}: state {k!r} changed"
+
+
+# ---------------------------------------------------------------------------------------------
+# functional-API inputs
+
+
+class Lists:
+    """Functional-API tensor lists (random non-zero states) and their float64 reference copies."""
+
+    def __init__(self, shapes, dtype, device, seed, beta1_zero=False, start_step=0,
+                 step_device=None):
+        values = make_param_values(shapes, seed, 1.0, 2.0)
+        m1, m2, nu = random_states(shapes, seed + 1, beta1_zero)
+        self.params = [v.to(dtype).to(device) for v in values]
+        self.m1 = [] if beta1_zero else [v.float().to(device) for v in m1]
+        self.m2 = [v.float().to(device) for v in m2]
+        self.nu = [v.float().to(device) for v in nu]
+        step_device = step_device or device
+        self.steps = [torch.tensor(float(start_step), device=step_device) for _ in shapes]
+        self.ref = [[t.detach().to("cpu", torch.float64).clone() for t in lst]
+                    for lst in (self.params, self.m1, self.m2, self.nu)]
+        self.ref_t = [start_step] * len(shapes)
+        self.beta1_zero = beta1_zero
+
+    def args(self, grads):
+        return (self.params, grads, self.m1, self.m2, self.nu, self.steps)
+
+    def tensors(self):
+        return [*self.params, *self.m1, *self.m2, *self.nu, *self.steps]
+
+    def reference_step(self, grads, grad_scale=None, **hyper):
+        rp, rm1, rm2, rnu = self.ref
+        for i in range(len(rp)):
+            rp[i], m1, rm2[i], rnu[i], self.ref_t[i] = reference_step(
+                rp[i], grads[i].cpu(), None if self.beta1_zero else rm1[i], rm2[i], rnu[i], self.ref_t[i],
+                grad_scale=grad_scale, **hyper)
+            if not self.beta1_zero:
+                rm1[i] = m1
+
+    def check(self, rtol, what):
+        for i in range(len(self.params)):
+            tag = f"{what} tensor[{i}] shape {tuple(self.params[i].shape)}"
+            step = float(self.steps[i])
+            assert step == self.ref_t[i], f"{tag}: step {step} != {self.ref_t[i]}"
+            assert_rel_close(self.params[i], self.ref[0][i], rtol, f"{tag} param")
+            if not self.beta1_zero:
+                assert_rel_close(self.m1[i], self.ref[1][i], rtol, f"{tag} exp_avg_fast")
+            assert_rel_close(self.m2[i], self.ref[2][i], rtol, f"{tag} exp_avg_slow")
+            assert_rel_close(self.nu[i], self.ref[3][i], rtol, f"{tag} exp_avg_sq")
+
+
+def step_device_for(backend, device):
+    return device if backend in KERNEL_BACKENDS else "cpu"

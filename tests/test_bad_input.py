@@ -164,6 +164,75 @@ def test_grad_dtype_mismatch(backend, cached):
     call.assert_unchanged(snap, "grad dtype mismatch")
 
 
+# Ways one call can name the same memory twice where the step writes it. Each edits a call on
+# SAME_SHAPES in place: entries 0 and 1 have one shape, so any list may repeat across them.
+SAME_SHAPES = ((4,), (4,), (3, 5))
+
+
+def _overlapping_params(call):
+    buf = torch.cat([call.params[0], call.params[1][:2]])
+    call.params[0], call.params[1] = buf[:4], buf[2:6]  # two views sharing two elements
+
+
+SHARED_MEMORY = {
+    "step_listed_twice": lambda c: c.steps.__setitem__(1, c.steps[0]),
+    "param_listed_twice": lambda c: c.params.__setitem__(1, c.params[0]),
+    "exp_avg_fast_shared": lambda c: c.m1.__setitem__(1, c.m1[0]),
+    "exp_avg_slow_shared": lambda c: c.m2.__setitem__(1, c.m2[0]),
+    "exp_avg_sq_is_a_param": lambda c: c.nu.__setitem__(0, c.params[1]),
+    "grad_is_another_param": lambda c: c.grads.__setitem__(1, c.params[0]),
+    "overlapping_param_views": _overlapping_params,
+}
+
+
+@pytest.mark.parametrize("case", SHARED_MEMORY)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_memory_in_one_call(backend, case):
+    """Anything the step writes, listed twice or overlapping another tensor of the call, is
+    refused (on a GPU the blocks would race, and a shared step count would be counted anywhere
+    from once to n times), in every backend, also after a good call has cached a plan."""
+    require_backend(backend)
+    call = FunctionalCall(backend, shapes=SAME_SHAPES)
+    call()
+    SHARED_MEMORY[case](call)
+    snap = call.snapshot()
+    with pytest.raises(RuntimeError, match=r"(?i)share memory"):
+        call()
+    call.assert_unchanged(snap, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_grads_are_allowed(backend):
+    """Grads are only read: two params may share one grad tensor (their states stay apart)."""
+    require_backend(backend)
+    call = FunctionalCall(backend, shapes=SAME_SHAPES)
+    call.grads[1] = call.grads[0]
+    twin = FunctionalCall(backend, shapes=SAME_SHAPES)
+    twin.grads[1] = twin.grads[0].clone()
+    for _ in range(3):
+        call()
+        twin()
+    for mine, theirs in zip(call.snapshot(), twin.snapshot()):
+        for a, b in zip(mine, theirs):
+            assert bits_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_listed_twice_in_a_group(backend):
+    """torch only warns about a duplicated param; the optimizer refuses to step it (the two
+    entries would share one state) and creates no state."""
+    require_backend(backend)
+    params = [torch.nn.Parameter(v.float()) for v in make_param_values(SAME_SHAPES, seed=73)]
+    with pytest.warns(UserWarning, match=r"(?i)duplicate"):
+        opt = ademamix_cuda.AdEMAMix([params[0], params[1], params[0]], backend=backend)
+    for p, g in zip(params, GradSource(SAME_SHAPES, seed=74).next()):
+        p.grad = g.float()
+    snap = snapshot(params, opt)
+    with pytest.raises(RuntimeError, match=r"(?i)share memory"):
+        opt.step()
+    assert_unchanged(params, opt, snap, "duplicated param")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_shape_mismatch_in_loaded_state_dict(backend):
     require_backend(backend)

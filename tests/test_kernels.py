@@ -7,66 +7,13 @@ import torch
 
 import ademamix_cuda
 from helpers import (BACKENDS, FP32_RTOL, FP32_STEP_RTOL, HAS_CUDA, KERNEL_BACKENDS, GradSource,
-                     assert_rel_close, assert_within_ulp, bits_equal, compare_to_reference,
+                     Lists, assert_rel_close, assert_within_ulp, bits_equal, compare_to_reference,
                      dtype_name, fp32_slack, make_pair, make_param_values, random_states,
-                     require_backend, set_grads)
+                     require_backend, requires_gpu, set_grads, step_device_for)
 from reference import reference_step
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.99, alpha=5.0, beta3_warmup=9,
              alpha_warmup=6, eps=1e-8, weight_decay=0.1, maximize=False)
-
-def requires_gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(fn))
-
-
-class Lists:
-    """Functional-API tensor lists (random non-zero states) and their float64 reference copies."""
-
-    def __init__(self, shapes, dtype, device, seed, beta1_zero=False, start_step=0,
-                 step_device=None):
-        values = make_param_values(shapes, seed, 1.0, 2.0)
-        m1, m2, nu = random_states(shapes, seed + 1, beta1_zero)
-        self.params = [v.to(dtype).to(device) for v in values]
-        self.m1 = [] if beta1_zero else [v.float().to(device) for v in m1]
-        self.m2 = [v.float().to(device) for v in m2]
-        self.nu = [v.float().to(device) for v in nu]
-        step_device = step_device or device
-        self.steps = [torch.tensor(float(start_step), device=step_device) for _ in shapes]
-        self.ref = [[t.detach().to("cpu", torch.float64).clone() for t in lst]
-                    for lst in (self.params, self.m1, self.m2, self.nu)]
-        self.ref_t = [start_step] * len(shapes)
-        self.beta1_zero = beta1_zero
-
-    def args(self, grads):
-        return (self.params, grads, self.m1, self.m2, self.nu, self.steps)
-
-    def tensors(self):
-        return [*self.params, *self.m1, *self.m2, *self.nu, *self.steps]
-
-    def reference_step(self, grads, grad_scale=None, **hyper):
-        rp, rm1, rm2, rnu = self.ref
-        for i in range(len(rp)):
-            rp[i], m1, rm2[i], rnu[i], self.ref_t[i] = reference_step(
-                rp[i], grads[i].cpu(), None if self.beta1_zero else rm1[i], rm2[i], rnu[i], self.ref_t[i],
-                grad_scale=grad_scale, **hyper)
-            if not self.beta1_zero:
-                rm1[i] = m1
-
-    def check(self, rtol, what):
-        for i in range(len(self.params)):
-            tag = f"{what} tensor[{i}] shape {tuple(self.params[i].shape)}"
-            step = float(self.steps[i])
-            assert step == self.ref_t[i], f"{tag}: step {step} != {self.ref_t[i]}"
-            assert_rel_close(self.params[i], self.ref[0][i], rtol, f"{tag} param")
-            if not self.beta1_zero:
-                assert_rel_close(self.m1[i], self.ref[1][i], rtol, f"{tag} exp_avg_fast")
-            assert_rel_close(self.m2[i], self.ref[2][i], rtol, f"{tag} exp_avg_slow")
-            assert_rel_close(self.nu[i], self.ref[3][i], rtol, f"{tag} exp_avg_sq")
-
-
-def step_device_for(backend, device):
-    return device if backend in KERNEL_BACKENDS else "cpu"
-
 
 # ---------------------------------------------------------------------------------------------
 # opcheck
@@ -286,33 +233,50 @@ def test_torch_grad_scaler_end_to_end(backend, unscale_first):
 MISALIGNED_SHAPES = ((1,), (3,), (17,), (4097,), (33, 65), (9000,))
 
 
-def _packed_views(values, dtype, device, sentinel=float("nan")):
-    """Views into ONE buffer starting at element 1 (4 or 2 bytes off 16-byte alignment), back to
-    back, with poisoned elements before and after: a kernel writing outside a view shows."""
-    total = sum(v.numel() for v in values)
-    buf = torch.full((total + 3,), sentinel, dtype=dtype, device=device)
-    views, offset = [], 1
+def _packed_views(values, dtype, device, first=1, align=1, sentinel=float("nan")):
+    """Views into ONE buffer, each starting `first` elements past a multiple of `align` elements
+    (e.g. first 1: 4 or 2 bytes off 16-byte alignment), back to back, with poisoned elements
+    before, between and after: a kernel writing outside a view shows."""
+    starts, end = [], first
     for v in values:
-        view = buf[offset:offset + v.numel()].view(v.shape)
+        start = (end - first + align - 1) // align * align + first
+        starts.append(start)
+        end = start + v.numel()
+    buf = torch.full((end + 3,), sentinel, dtype=dtype, device=device)
+    views = []
+    for v, start in zip(values, starts):
+        view = buf[start:start + v.numel()].view(v.shape)
         view.copy_(v)
         views.append(view)
-        offset += v.numel()
     return buf, views
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+# (first, align) in elements for params and grads, then for the fp32 states.
+VIEW_LAYOUTS = {
+    # every view 4 (fp32) or 2 (bf16) bytes off 16-byte alignment: the scalar path
+    "offset1": ((1, 1), (1, 1)),
+    # 2-byte params 8 bytes off 16-byte alignment, states aligned: the CUDA kernel's vector path
+    # reads 4 params (8 bytes) per access, so it must take these; Triton's needs 16 bytes
+    "params_8B": ((4, 8), (4, 4)),
+}
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "offset1"), (torch.bfloat16, "offset1"),
+                                          (torch.bfloat16, "params_8B")],
+                         ids=["float32", "bfloat16", "bfloat16-params_8B"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_misaligned_views(backend, device, dtype):
+def test_misaligned_views(backend, device, dtype, layout):
     require_backend(backend, device)
     shapes = MISALIGNED_SHAPES
     values = make_param_values(shapes, seed=131)
     m1_0, m2_0, nu_0 = random_states(shapes, seed=132)
-    p_buf, params = _packed_views(values, dtype, device)
-    m1_buf, m1 = _packed_views(m1_0, torch.float32, device)
-    m2_buf, m2 = _packed_views(m2_0, torch.float32, device)
-    nu_buf, nu = _packed_views(nu_0, torch.float32, device)
-    assert params[0].storage_offset() == 1
+    param_layout, state_layout = VIEW_LAYOUTS[layout]
+    p_buf, params = _packed_views(values, dtype, device, *param_layout)
+    m1_buf, m1 = _packed_views(m1_0, torch.float32, device, *state_layout)
+    m2_buf, m2 = _packed_views(m2_0, torch.float32, device, *state_layout)
+    nu_buf, nu = _packed_views(nu_0, torch.float32, device, *state_layout)
+    assert params[0].storage_offset() == param_layout[0]
     steps = [torch.tensor(0.0, device=step_device_for(backend, device)) for _ in shapes]
     ref = [[t.to("cpu", torch.float64).clone() for t in lst] for lst in (params, m1, m2, nu)]
     ref_t = [0] * len(shapes)
@@ -321,7 +285,7 @@ def test_misaligned_views(backend, device, dtype):
     edges = [(b[:1].clone(), b[-2:].clone()) for b in bufs]
     teacher_forced = dtype != torch.float32
     for k in range(1, 21):
-        g_buf, g = _packed_views(grads.next(), dtype, device)
+        g_buf, g = _packed_views(grads.next(), dtype, device, *param_layout)
         if teacher_forced:
             ref = [[t.to("cpu", torch.float64).clone() for t in lst] for lst in (params, m1, m2, nu)]
         old = [t.clone() for t in ref[0]]

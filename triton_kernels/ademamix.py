@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..overlap import check_disjoint
+
 # Tuning (SPEC.md, multi-tensor probe on one H100): chunk 16384 / block 2048 / 8 warps beat
 # 8192 / 1024 / 4. 8-16K-element chunks give enough programs to balance hundreds of uneven tensors.
 # The sweep belongs to bench/; it may set these module attributes (plans are keyed on CHUNK_SIZE).
@@ -194,7 +196,7 @@ def _increment_steps_kernel(step_addrs_ptr, n_steps, found_inf_ptr, HAS_FOUND_IN
 # ---------------------------------------------------------------------------------------------
 # Launch plans.
 #
-# A plan is the device int64 table for one exact set of storages: chunk rows of the 16-byte aligned
+# A plan is the int64 table for one exact set of storages: chunk rows of the 16-byte aligned
 # tensors, then chunk rows of the others, then one step-counter address per tensor. It is cached
 # under the (data_ptr, numel) of every tensor, so a replaced grad (zero_grad(set_to_none=True)
 # reallocates them), a load_state_dict (new state tensors) or a resized param is a new key, while
@@ -202,24 +204,31 @@ def _increment_steps_kernel(step_addrs_ptr, n_steps, found_inf_ptr, HAS_FOUND_IN
 # stride, so the full per-tensor checks run exactly when a plan is built: a hit is a set of
 # tensors that passed them.
 #
-# CUDA graphs: capture records the kernels with the table's address, so the table must exist
-# before capture (one eager step with the same tensors, which graph warm-up does anyway). Building
-# during capture is refused: it would need a host-to-device copy recorded into the graph from a
-# host buffer. A plan used in a capture is never evicted, since the graph keeps reading it.
+# CUDA graphs: a graph replays the kernels with the table's address, so a plan a capture used is
+# kept as long as the process (_graph_plans). A plan missed during a capture (torch's recipe for
+# whole-network capture allocates the grads from the graph's pool, at new addresses) is uploaded
+# by a copy recorded in the graph, from a pinned host copy, into memory outside the graph's pool
+# (the extension's ademamix::_upload_in_graph). Such a plan is `pending` until an eager call has
+# uploaded it too: before that, only its graph's replays write it.
 
 
 class _Plan:
-    __slots__ = ("table", "step_addrs", "launches", "captured", "last_use")
+    __slots__ = ("table", "host", "step_addrs", "launches", "pending", "captured", "streams",
+                 "last_use")
 
-    def __init__(self, table, step_addrs, launches):
+    def __init__(self, table, host, steps_offset, launches, pending, stream):
         self.table = table
-        self.step_addrs = step_addrs
-        self.launches = launches  # [(rows view, number of chunks, aligned)]
+        self.host = host  # the CPU table; kept for a plan built during a capture
+        self.step_addrs = table[steps_offset:]
+        self.launches = [(table[o:o + c * 8], c, a) for o, c, a in launches if c]
+        self.pending = pending
         self.captured = False
+        self.streams = {stream}  # the streams whose use of the table its memory waits for
         self.last_use = 0
 
 
 _plans: "dict[tuple, _Plan]" = {}
+_graph_plans: "list[_Plan]" = []  # read by CUDA graphs: never freed
 _data_ptr, _numel, _stride = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride
 _is_contiguous, _dtype = torch.Tensor.is_contiguous, attrgetter("dtype")
 _use_clock = count(1)  # LRU order without re-hashing the long key on every hit
@@ -263,6 +272,10 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
         if s.dtype != torch.float32 or s.numel() != 1:
             raise RuntimeError(f"ademamix_triton: state_steps[{i}] must be a one-element float32 "
                                f"tensor, got {s.dtype} with {s.numel()} elements")
+    try:
+        check_disjoint((params, grads, m1s, m2s, nus, steps))
+    except RuntimeError as e:
+        raise RuntimeError(f"ademamix_triton: {e}") from None
 
 
 def _plan(params, grads, m1s, m2s, nus, steps, device):
@@ -281,27 +294,53 @@ def _plan(params, grads, m1s, m2s, nus, steps, device):
     if not dense_ok:
         _check_tensors(params, grads, m1s, m2s, nus, steps, device)  # names the culprit
         raise RuntimeError("ademamix_triton: every tensor must be dense and contiguous")
+    capturing = _capturing(device)
     plan = _plans.get(key)
-    if plan is None:
-        if _capturing(device):
-            raise RuntimeError(
-                "ademamix_triton: no launch plan for these tensors while a CUDA graph is being "
-                "captured. Run one eager step with the same tensors before capture so that the "
-                "address tables exist (a table cannot be uploaded inside a capture).")
-        _check_tensors(params, grads, m1s, m2s, nus, steps, device)
-        plan = _new_plan(ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device)
-        evictable = sorted((k for k, v in _plans.items() if not v.captured),
-                           key=lambda k: _plans[k].last_use)
-        for old in evictable[:max(0, len(evictable) + 1 - _MAX_PLANS)]:
-            del _plans[old]  # least recently used first
+    # A pending plan is written by its own graph's replays only: another capture needs its own.
+    if plan is None or (capturing and plan.pending):
+        if plan is None:
+            _check_tensors(params, grads, m1s, m2s, nus, steps, device)
+        plan = _new_plan(ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device,
+                         capturing)
+        if len(_plans) >= _MAX_PLANS and key not in _plans:
+            del _plans[min(_plans, key=lambda k: _plans[k].last_use)]  # least recently used
         _plans[key] = plan
-    plan.last_use = next(_use_clock)
-    if _capturing(device):
-        plan.captured = True
+    _use(plan, device, capturing)
     return plan
 
 
-def _new_plan(ptrs, numels, has_m1, elem_size, device):
+def _use(plan, device, capturing):
+    """Everything a launch on the current stream needs of `plan` before it is enqueued."""
+    plan.last_use = next(_use_clock)
+    if device.type != "cuda":
+        return
+    if capturing:
+        if not plan.captured:
+            plan.captured = True
+            _graph_plans.append(plan)
+        return
+    if plan.pending:
+        plan.table.copy_(plan.host)
+        plan.pending = False
+    stream = torch.cuda.current_stream(device)
+    if stream not in plan.streams:
+        plan.table.record_stream(stream)  # the memory is not reused before this stream is done
+        plan.streams.add(stream)
+
+
+def _upload_in_graph(host, device):
+    try:
+        upload = torch.ops.ademamix._upload_in_graph
+    except (AttributeError, RuntimeError):
+        raise RuntimeError(
+            "ademamix_triton: these tensors have no launch plan yet and a CUDA graph is being "
+            "captured. Building one during a capture needs the compiled extension "
+            "ademamix_cuda._C (it uploads the table from outside the graph's memory pool): build "
+            "it, or run one eager step with the same tensors before the capture.") from None
+    return upload(host, device)
+
+
+def _new_plan(ptrs, numels, has_m1, elem_size, device, capturing):
     if CHUNK_SIZE % 8:
         raise ValueError("ademamix_triton: CHUNK_SIZE must be a multiple of 8 "
                          "(chunks must start 16-byte aligned)")
@@ -329,13 +368,14 @@ def _new_plan(ptrs, numels, has_m1, elem_size, device):
         launches.append((offset, rows.shape[0], is_aligned))
         offset += rows.numel()
     host = torch.cat(parts + [step])
-    if device.type == "cuda":
+    if device.type != "cuda":
+        return _Plan(host, host, offset, launches, False, None)
+    if capturing:
+        table = _upload_in_graph(host, device)
+    else:
         # Pinned + non_blocking: no host sync; the pinned block is held until the copy is done.
         table = host.pin_memory().to(device, non_blocking=True)
-    else:
-        table = host
-    launches = [(table[o:o + c * 8], c, a) for o, c, a in launches if c]
-    return _Plan(table, table[offset:], launches)
+    return _Plan(table, host, offset, launches, capturing, torch.cuda.current_stream(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,14 +396,40 @@ def _half_life(beta):
     return math.log(0.5) / math.log(beta + 1e-8) - 1.0
 
 
-def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
-               exp_avg_fasts: List[torch.Tensor], exp_avg_slows: List[torch.Tensor],
-               exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor], lr: float,
-               lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, beta3: float,
-               alpha: float, beta3_warmup: Optional[int], alpha_warmup: Optional[int], eps: float,
-               weight_decay: float, maximize: bool, grad_scale: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor]) -> None:
-    """The op's body. lr_tensor, when given, replaces lr (custom ops have no overloads)."""
+def _device_guard(device):
+    # The device's current stream: capture checks, table upload, launches.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(plan, n, dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup,
+            eps, weight_decay, maximize, grad_scale, found_inf):
+    """Enqueues the step of the n tensors of `plan` (params of `dtype`) on the current stream."""
+    has_m1 = beta1 != 0.0
+    any_ptr = plan.table  # stands in for absent optional tensors; never read
+    _increment_steps_kernel[(triton.cdiv(n, _STEP_BLOCK),)](
+        plan.step_addrs, n, found_inf if found_inf is not None else any_ptr,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=_STEP_BLOCK)
+    # Constants in double, rounded once to fp32 (1 - 0.9999 in fp32 would be 3e-4 off).
+    for rows, n_chunks, aligned in plan.launches:
+        _ademamix_kernel[(n_chunks,)](
+            rows, float(lr), lr_tensor if lr_tensor is not None else any_ptr,
+            grad_scale if grad_scale is not None else any_ptr,
+            found_inf if found_inf is not None else any_ptr,
+            beta1, 1.0 - beta1, math.log(beta1) if has_m1 else 0.0,
+            beta2, 1.0 - beta2, math.log(beta2) if beta2 > 0.0 else -math.inf,
+            beta3, 1.0 - beta3, _half_life(beta1), _half_life(beta3), math.log(0.5),
+            float(alpha), float(beta3_warmup or 0), float(alpha_warmup or 0), float(eps),
+            float(weight_decay),
+            P_DTYPE=_PARAM_DTYPES[dtype], HAS_M1=has_m1, MAXIMIZE=bool(maximize),
+            LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned, BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS)
+
+
+def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
+         beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
+         grad_scale, found_inf):
+    """Checks, plans and launches one step; returns the plan (None when there are no params)."""
     n = len(params)
     has_m1 = beta1 != 0.0
     for name, xs in (("grads", grads), ("exp_avg_slows", exp_avg_slows),
@@ -377,7 +443,7 @@ def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
         if not 0.0 <= b < 1.0:
             raise ValueError(f"ademamix_triton: {name} must be in [0, 1), got {b}")
     if n == 0:
-        return
+        return None
     device = params[0].device
     if device.type != ("cpu" if _INTERPRETED else "cuda"):
         # The interpreter dereferences the table's addresses on the host: CPU tensors only.
@@ -387,30 +453,25 @@ def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
                                    "set before import)"))
     for name, x in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _check_scalar_tensor(name, x, device)
-
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:  # the device's current stream: capture checks, table upload, launches
+    with _device_guard(device):
         plan = _plan(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
                      device)
-        any_ptr = plan.table  # stands in for absent optional tensors; never read
-        _increment_steps_kernel[(triton.cdiv(n, _STEP_BLOCK),)](
-            plan.step_addrs, n, found_inf if found_inf is not None else any_ptr,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=_STEP_BLOCK)
-        # Constants in double, rounded once to fp32 (1 - 0.9999 in fp32 would be 3e-4 off).
-        for rows, n_chunks, aligned in plan.launches:
-            _ademamix_kernel[(n_chunks,)](
-                rows, float(lr), lr_tensor if lr_tensor is not None else any_ptr,
-                grad_scale if grad_scale is not None else any_ptr,
-                found_inf if found_inf is not None else any_ptr,
-                beta1, 1.0 - beta1, math.log(beta1) if has_m1 else 0.0,
-                beta2, 1.0 - beta2, math.log(beta2) if beta2 > 0.0 else -math.inf,
-                beta3, 1.0 - beta3, _half_life(beta1), _half_life(beta3), math.log(0.5),
-                float(alpha), float(beta3_warmup or 0), float(alpha_warmup or 0), float(eps),
-                float(weight_decay),
-                P_DTYPE=_PARAM_DTYPES[params[0].dtype], HAS_M1=has_m1, MAXIMIZE=bool(maximize),
-                LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned, BLOCK=BLOCK_SIZE,
-                num_warps=NUM_WARPS)
+        _launch(plan, n, params[0].dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup,
+                alpha_warmup, eps, weight_decay, maximize, grad_scale, found_inf)
+    return plan
+
+
+def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
+               exp_avg_fasts: List[torch.Tensor], exp_avg_slows: List[torch.Tensor],
+               exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor], lr: float,
+               lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, beta3: float,
+               alpha: float, beta3_warmup: Optional[int], alpha_warmup: Optional[int], eps: float,
+               weight_decay: float, maximize: bool, grad_scale: Optional[torch.Tensor],
+               found_inf: Optional[torch.Tensor]) -> None:
+    """The op's body. lr_tensor, when given, replaces lr (custom ops have no overloads)."""
+    _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
+         beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
+         grad_scale, found_inf)
 
 
 # What torch.compile, export and dispatch modes see: one opaque node that mutates its lists.
@@ -426,6 +487,30 @@ def _step_op_fake(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, stat
     return None
 
 
+def _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, beta1,
+             beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
+             grad_scale, found_inf):
+    """The op's arguments, normalized, from the functional signature."""
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    return (list(params), list(grads), list(exp_avg_fasts or ()), list(exp_avg_slows),
+            list(exp_avg_sqs), list(state_steps), 0.0 if lr_tensor is not None else float(lr),
+            lr_tensor, float(beta1), float(beta2), float(beta3), float(alpha),
+            None if beta3_warmup is None else int(beta3_warmup),
+            None if alpha_warmup is None else int(alpha_warmup), float(eps), float(weight_decay),
+            bool(maximize), grad_scale, found_inf)
+
+
+def _traced():
+    """Under torch.compile or a dispatch mode, the step must be the op (one opaque node)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _bump_versions(args):
+    # What the op wrapper would do per tensor (for autograd's in-place checks), in one call.
+    torch.autograd.graph.increment_version(list(chain(args[0], args[2], args[3], args[4],
+                                                      args[5])))
+
+
 def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
                    beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
                    maximize, grad_scale=None, found_inf=None):
@@ -438,20 +523,66 @@ def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, sta
     lr: float or one-element tensor on the device; grad_scale divides the grads; found_inf
     nonzero skips the step entirely. Nothing is synchronized with the host.
     """
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    args = (list(params), list(grads), list(exp_avg_fasts or ()), list(exp_avg_slows),
-            list(exp_avg_sqs), list(state_steps), 0.0 if lr_tensor is not None else float(lr),
-            lr_tensor, float(beta1), float(beta2), float(beta3), float(alpha),
-            None if beta3_warmup is None else int(beta3_warmup),
-            None if alpha_warmup is None else int(alpha_warmup), float(eps), float(weight_decay),
-            bool(maximize), grad_scale, found_inf)
+    args = _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
+                    beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
+                    maximize, grad_scale, found_inf)
     with torch.no_grad():  # a mutation of leaf params, not something to differentiate
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        if _traced():
             _step_op(*args)
         else:
             # Plain eager tensors: the same implementation without the op wrapper, whose per-tensor
             # Python work (a version bump per tensor, alias checks) costs more than the kernel
-            # itself with thousands of tensors. The version counters are bumped in one call.
-            _step_impl(*args)
-            torch.autograd.graph.increment_version(
-                list(chain(args[0], args[2], args[3], args[4], args[5])))
+            # itself with thousands of tensors.
+            _run(*args)
+            _bump_versions(args)
+
+
+class Stepper:
+    """The Triton step of one set of tensors that stays the same from step to step (an optimizer's
+    param group), with the host work of a step cut to what can change between steps.
+
+    The first call checks everything and builds the launch plan, as ademamix_step_ does. A later
+    call reads only the params' addresses and sizes and the grads' addresses and contiguity (a
+    grad's shape and dtype are its param's: torch checks that when a grad is set); while they
+    are the same, it launches with the same plan. Anything else takes ademamix_step_'s path.
+    Hyperparameters are not validated here: the caller does that.
+    """
+
+    def __init__(self, params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps):
+        self._lists = (list(params), list(exp_avg_fasts or ()), list(exp_avg_slows),
+                       list(exp_avg_sqs), list(state_steps))
+        self._key = None
+        self._plan = None
+
+    def step(self, grads, *, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
+             weight_decay, maximize, grad_scale=None, found_inf=None):
+        params, m1s, m2s, nus, steps = self._lists
+        args = _op_args(params, grads, m1s, m2s, nus, steps, lr, beta1, beta2, beta3, alpha,
+                        beta3_warmup, alpha_warmup, eps, weight_decay, maximize, grad_scale,
+                        found_inf)
+        with torch.no_grad():
+            if _traced():
+                _step_op(*args)
+                return
+            try:
+                key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
+                       tuple(map(_data_ptr, args[1])))
+                reusable = key == self._key and all(map(_is_contiguous, args[1]))
+            except (RuntimeError, TypeError, AttributeError):  # e.g. a sparse grad
+                key, reusable = None, False
+            plan = self._plan
+            if reusable:
+                device = params[0].device
+                with _device_guard(device):
+                    capturing = _capturing(device)
+                    reusable = not (capturing and plan.pending)
+                    if reusable:
+                        for name, x in (("lr", args[7]), ("grad_scale", grad_scale),
+                                        ("found_inf", found_inf)):
+                            _check_scalar_tensor(name, x, device)
+                        _use(plan, device, capturing)
+                        _launch(plan, len(params), params[0].dtype, *args[6:])
+            if not reusable:
+                self._plan = _run(*args)
+                self._key = key
+            _bump_versions(args)
