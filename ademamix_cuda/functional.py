@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
+from .dtensor import local_lists
 from .overlap import check_disjoint
 from .schedules import alpha_at, beta3_at, bias_corrections
 
@@ -131,6 +132,8 @@ def ademamix(
                          f"exp_avg_sqs {lengths[3]}, state_steps {lengths[4]}")
     if n == 0:
         return
+    params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs = local_lists(
+        params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs)
     if backend not in ("auto",) + backends.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of 'auto', "
                          f"{', '.join(map(repr, backends.BACKENDS))}")

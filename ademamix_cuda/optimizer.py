@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, functional
+from .dtensor import check_grad, describe, is_dtensor, local, same_layout, zeros_state
 from .overlap import check_disjoint
 
 __all__ = ["AdEMAMix"]
@@ -27,11 +28,12 @@ class _Plan:
     """The lists one group hands to the backend, kept while the group's shape does not change."""
 
     has_grad: list  # which of group["params"] had a grad when the plan was made
+    dtensors: list  # the group's params with grads, where some are DTensors; else None
     beta1_zero: bool
     backend_setting: str
     backend: str
     one_dtype: bool
-    params: list
+    params: list  # local shards of DTensor params (what the backends update)
     exp_avg_fasts: list
     exp_avg_slows: list
     exp_avg_sqs: list
@@ -98,6 +100,8 @@ class AdEMAMix(Optimizer):
                 continue
             if not all(plan.has_grad):
                 grads = [g for g in grads if g is not None]
+            if plan.dtensors is not None:
+                plan, grads = self._local_grads(index, group, plan, grads)
             beta1, beta2, beta3 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
                          beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
@@ -112,6 +116,17 @@ class AdEMAMix(Optimizer):
                            **hyper)
             self.backend_used = plan.backend
         return loss
+
+    def _local_grads(self, index, group, plan, grads):
+        """The local shards of a DTensor group's grads, checked against their params. The plan is
+        rebuilt if a param's local shard is no longer the one it holds (FSDP2 replaces them,
+        e.g. when a module is moved)."""
+        for i, (p, g) in enumerate(zip(plan.dtensors, grads)):
+            check_grad(p, g, i)
+        if not all(map(lambda p, shard: local(p) is shard, plan.dtensors, plan.params)):
+            del self._plans[index]
+            plan = self._plan(index, group, [p.grad for p in group["params"]])
+        return plan, [local(g) for g in grads]
 
     def _plan(self, index, group, grads):
         """The cached lists of a group, rebuilt when its params with grads, beta1 == 0 or backend
@@ -128,6 +143,7 @@ class AdEMAMix(Optimizer):
         grads = [g for g in grads if g is not None]
         # Check everything before the first state is created: a bad call changes nothing.
         for i, (p, g) in enumerate(zip(params, grads)):
+            check_grad(p, g, i)
             if p.is_complex():
                 raise TypeError(f"AdEMAMix does not support complex parameters (got {p.dtype})")
             if g.is_sparse:
@@ -136,6 +152,8 @@ class AdEMAMix(Optimizer):
                 raise RuntimeError(
                     f"a grad must match its param: grad is {g.dtype}{list(g.shape)} on {g.device}, "
                     f"param is {p.dtype}{list(p.shape)} on {p.device}")
+        dtensors = params if any(map(is_dtensor, params)) else None
+        params, grads = [local(p) for p in params], [local(g) for g in grads]
         check_disjoint([params, grads])  # a param listed twice would share its states too
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -144,13 +162,13 @@ class AdEMAMix(Optimizer):
         device = params[0].device
         backend = backends.resolve(group["backend"], device)
         step_device = device if backend in _KERNEL_BACKENDS else torch.device("cpu")
-        for p in params:
+        for p in dtensors or params:
             self._init_state(p, beta1_zero, step_device)
-        states = [self.state[p] for p in params]
+        states = [self.state[p] for p in dtensors or params]
         lists = dict(params=params,
-                     exp_avg_fasts=[] if beta1_zero else [s["exp_avg_fast"] for s in states],
-                     exp_avg_slows=[s["exp_avg_slow"] for s in states],
-                     exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                     exp_avg_fasts=[] if beta1_zero else [local(s["exp_avg_fast"]) for s in states],
+                     exp_avg_slows=[local(s["exp_avg_slow"]) for s in states],
+                     exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
                      state_steps=[s["step"] for s in states])
         one_dtype = len({p.dtype for p in params}) == 1
         stepper = None
@@ -158,14 +176,14 @@ class AdEMAMix(Optimizer):
             from .triton_kernels import Stepper
 
             stepper = Stepper(*lists.values())
-        plan = _Plan(has_grad=has_grad, beta1_zero=beta1_zero, backend_setting=group["backend"],
-                     backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
+        plan = _Plan(has_grad=has_grad, dtensors=dtensors, beta1_zero=beta1_zero,
+                     backend_setting=group["backend"], backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
         self._plans[index] = plan
         return plan
 
     def _init_state(self, p, beta1_zero, step_device):
         state = self.state[p]
-        zeros = lambda: torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+        zeros = lambda: zeros_state(p, _state_dtype(p))
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg_fast"] = None if beta1_zero else zeros()
@@ -263,3 +281,6 @@ def _check_state_dict(optimizer, state_dict):
             if not isinstance(value, Tensor) or value.shape != p.shape:
                 shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"parameter {index}: {key!r} has shape {shape}, the parameter {list(p.shape)}")
+            if not same_layout(value, p):
+                raise ValueError(f"parameter {index}: {key!r} is {describe(value)} but the parameter "
+                                 f"is {describe(p)}: a state must be laid out like its param")
