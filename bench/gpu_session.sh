@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_session.sh test       build (with the ptxas report), the GPU tests (not slow)
 #   bash bench/gpu_session.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck
-#   bash bench/gpu_session.sh bench      the full benchmark with the Triton sweep
+#   bash bench/gpu_session.sh bench      the host cost of step() (--host), then the full benchmark
+#                                        with the Triton sweep
 #   bash bench/gpu_session.sh slow       the > 2^31-element test, and ncu on one step of each kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ case "$stage" in
     done
     ;;
   bench)
+    # First: it is short, and its result survives a sweep that overruns the call.
+    "$PY" -m bench --host --out "$OUT"
     "$PY" -m bench --sweep-triton --out "$OUT"
     ;;
   slow)

@@ -423,6 +423,7 @@ def environment(device):
         cpu=_cpu_model(), cpu_count=os.cpu_count(),
         torch=torch.__version__, torch_cuda=torch.version.cuda, device=str(device),
         torch_threads=torch.get_num_threads(),
+        load_average=os.getloadavg(),  # other work on the machine: the timings' noise
         commit=_git("rev-parse", "HEAD"),
     )
     status = _git("status", "--porcelain")
@@ -595,16 +596,26 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to run; auto = cuda when a GPU is visible, else cpu")
-    p.add_argument("--sets", default="gpt,small,flat",
+    p.add_argument("--host", action="store_true",
+                   help="measure the host cost of step() instead: every tensor of a set shrunk "
+                        "to --host-numel elements, the same tensor count, grads kept or fresh at "
+                        "every step; median us per step() of ours cuda and triton and torch "
+                        "AdamW fused and foreach by default (without a GPU the Triton launches "
+                        "are stubbed); see bench/NOTES.md")
+    p.add_argument("--host-numel", type=int, default=8,
+                   help="with --host: elements per tensor (default: 8)")
+    p.add_argument("--sets", default=None,
                    help="comma-separated parameter sets: gpt (292 tensors, 355M params, a "
                         "24-layer d=1024 transformer), small (4096 tensors of 64x256), flat "
-                        "(one 2^28-element tensor); default: gpt,small,flat")
+                        "(one 2^28-element tensor); default: gpt,small,flat (with --host: "
+                        "gpt,small)")
     p.add_argument("--params", default=None,
                    help="scale every set to about this many parameters (e.g. 355M, 4M, 2.5e6); "
                         f"default: full size on cuda, {CPU_DEFAULT_PARAMS} on cpu")
-    p.add_argument("--dtypes", default="fp32,bf16",
+    p.add_argument("--dtypes", default=None,
                    help="comma-separated param/grad dtypes: fp32, bf16 (our states stay fp32; "
-                        "peers keep states in the param dtype, as they do); default: fp32,bf16")
+                        "peers keep states in the param dtype, as they do); default: fp32,bf16 "
+                        "(with --host: fp32)")
     p.add_argument("--impls", default=None,
                    help="comma-separated implementations to run (default: all that apply to the "
                         "device; adamw-loop is cpu-only by default); see the list below")
@@ -624,12 +635,14 @@ def parse_args(argv=None):
                    help="skip the correctness guard (each AdEMAMix implementation against the "
                         "authors' style over 3 steps of a tiny fp32 set)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps before timing (default: 5 on cuda, 1 on cpu)")
+                   help="untimed steps before timing (default: 5 on cuda, 1 on cpu; 3 with "
+                        "--host)")
     p.add_argument("--reps", type=int, default=None,
-                   help="at least this many timed steps (default: 20 on cuda, 3 on cpu)")
+                   help="at least this many timed steps (default: 20 on cuda, 3 on cpu; 30 "
+                        "with --host)")
     p.add_argument("--min-time", type=float, default=None,
                    help="time steps for at least this many seconds (default: 0.5 on cuda, "
-                        "0.1 on cpu)")
+                        "0.1 on cpu; 0.5 with --host)")
     p.add_argument("--max-reps", type=int, default=1000, help="at most this many timed steps (default: 1000)")
     p.add_argument("--host-steps", type=int, default=None,
                    help="on cuda, step() calls averaged for the host CPU time per call, each "
@@ -650,8 +663,17 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     args = p.parse_args(argv)
 
-    args.set_names = _csv(args.sets, param_sets.NAMES, "--sets", p)
-    args.dtype_names = _csv(args.dtypes, DTYPES, "--dtypes", p)
+    if args.host:
+        for flag, given in (("--params", args.params is not None),
+                            ("--sweep-triton", args.sweep_triton)):
+            if given:
+                p.error(f"{flag} does not apply to --host")
+        if args.host_numel < 1:
+            p.error("--host-numel must be positive")
+    default_sets, default_dtypes = ("gpt,small", "fp32") if args.host else ("gpt,small,flat",
+                                                                            "fp32,bf16")
+    args.set_names = _csv(args.sets or default_sets, param_sets.NAMES, "--sets", p)
+    args.dtype_names = _csv(args.dtypes or default_dtypes, DTYPES, "--dtypes", p)
     args.impl_keys = _csv(args.impls, IMPL_KEYS, "--impls", p) if args.impls else None
     try:
         args.sweep_configs = parse_sweep_configs(args.sweep_configs)
@@ -721,8 +743,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if on_cuda:
         device = torch.device("cuda", torch.cuda.current_device())
-    defaults = dict(warmup=(5, 1), reps=(20, 3), min_time=(0.5, 0.1), host_steps=(10, 0),
-                    copy_mib=(2048, 256))
+    elif args.host:
+        # Triton takes CPU tensors only interpreted; it reads this when the kernels are defined,
+        # i.e. before anything below imports triton. (The host rows stub its launches.)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.host:
+        defaults = dict(warmup=(3, 3), reps=(30, 30), min_time=(0.5, 0.5))
+    else:
+        defaults = dict(warmup=(5, 1), reps=(20, 3), min_time=(0.5, 0.1), host_steps=(10, 0),
+                        copy_mib=(2048, 256))
     for name, (gpu, cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, gpu if on_cuda else cpu)
@@ -732,6 +761,10 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.host:
+        from bench import host
+
+        return host.main(args, device, out_dir / f"{stamp}-{device.type}-host.json")
     json_path = out_dir / f"{stamp}-{device.type}.json"
     png_path = out_dir / f"{stamp}-{device.type}.png"
 
