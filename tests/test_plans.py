@@ -49,17 +49,17 @@ def test_cpu_kernel_step_handoff_over_many_launches():
 # The Triton Stepper (the optimizer's per-group launcher)
 
 
-def _count_runs(monkeypatch):
+def _count_calls(monkeypatch, name):
     from ademamix_cuda.triton_kernels import ademamix as tk
 
     calls = []
-    real = tk._run
+    real = getattr(tk, name)
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(tk, "_run", counting)
+    monkeypatch.setattr(tk, name, counting)
     return calls
 
 
@@ -83,13 +83,15 @@ def _check(params, opt, ref_params, ref, what):
 
 
 def test_stepper_reuses_its_plan_until_something_moves(monkeypatch):
-    """Same tensors: no re-check, no new plan. A param given new storage (p.data = ...), or
-    grads at new addresses: the checked path, and the new addresses are the ones updated."""
+    """Same tensors: no re-check, no new plan. Grads at new addresses: only the plan's grad
+    column is rewritten. A param given new storage (p.data = ...): the fully checked path. In
+    every case the tensors at the current addresses are the ones updated."""
     require_backend("triton")
     shapes = ((5,), (3, 4))
     params, opt, ref_params, ref = _reference_pair(shapes, seed=211)
     grads = GradSource(shapes, seed=212)
-    runs = _count_runs(monkeypatch)
+    runs = _count_calls(monkeypatch, "_run")
+    moves = _count_calls(monkeypatch, "_with_grads")
 
     def step(what):
         for p, rp, g in zip(params, ref_params, grads.next()):
@@ -103,10 +105,17 @@ def test_stepper_reuses_its_plan_until_something_moves(monkeypatch):
         _check(params, opt, ref_params, ref, what)
 
     step("first step")
-    assert len(runs) == 1
+    assert (len(runs), len(moves)) == (1, 0)
     for k in range(3):
         step(f"same tensors {k}")
-    assert len(runs) == 1, "a step with unchanged tensors re-planned"
+    assert (len(runs), len(moves)) == (1, 0), "a step with unchanged tensors re-planned"
+
+    keep_alive = [p.grad for p in params]  # the old grads stay allocated: new addresses
+    for p in params:
+        p.grad = p.grad.clone()
+    step("grads moved")
+    assert (len(runs), len(moves)) == (1, 1)
+    del keep_alive
 
     old = params[1].data
     params[1].data = old.clone()  # new storage: the old one must not be written again
@@ -115,12 +124,23 @@ def test_stepper_reuses_its_plan_until_something_moves(monkeypatch):
     assert len(runs) == 2
     assert torch.equal(old, old_copy), "the param's old storage was written"
 
-    keep_alive = [p.grad for p in params]  # the old grads stay allocated: new addresses
-    for p in params:
-        p.grad = p.grad.clone()
-    step("grads moved")
-    assert len(runs) == 3
-    del keep_alive
+
+def test_stepper_refuses_a_grad_moved_onto_a_param():
+    """Grads that moved are checked against the memory the step writes before the grad column
+    is rewritten: a grad that is another param's memory is refused by name."""
+    require_backend("triton")
+    shapes = ((4,), (4,))
+    params, opt, _, _ = _reference_pair(shapes, seed=216)
+    for p, g in zip(params, GradSource(shapes, seed=217).next()):
+        p.grad = g.float()
+    opt.step()
+    params[1].grad = params[0].detach()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"(params\[0\] and grads\[1\]|grads\[1\] and params\[0\]) "
+                                             r"share memory"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
 
 
 def test_stepper_refuses_a_non_contiguous_grad():

@@ -164,7 +164,11 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
         t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
         beta3_warmup, alpha_warmup, HAS_M1)
 
-    # Full blocks unmasked (vector loads), then at most one masked tail.
+    # Full blocks unmasked (vector loads), then the masked tail in half blocks (at most two).
+    # A masked block is scalar accesses, each element with its own predicate, and costs more
+    # registers than a full one: a whole masked block pushed ptxas (triton 3.8, bf16/fp16 params
+    # with m1) to a spill at 80 registers, or past 80 (fewer programs per SM). Half blocks halve
+    # the tail's live values; the full blocks' code is unchanged (tests/test_codegen.py).
     n_full = n // BLOCK
     for i in range(0, n_full):
         offs = tl.max_contiguous(tl.multiple_of(i * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -172,8 +176,9 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
                          one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
                          inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
                          HAS_GRAD_SCALE, False)
-    if n_full * BLOCK < n:
-        offs = tl.max_contiguous(tl.multiple_of(n_full * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    for start in range(n_full * BLOCK, n, BLOCK // 2):
+        offs = tl.max_contiguous(
+            tl.multiple_of(start + tl.arange(0, BLOCK // 2), BLOCK // 2), BLOCK // 2)
         _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
                          one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
                          inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
@@ -212,15 +217,36 @@ def _increment_steps_kernel(step_addrs_ptr, n_steps, found_inf_ptr, HAS_FOUND_IN
 # uploaded it too: before that, only its graph's replays write it.
 
 
-class _Plan:
-    __slots__ = ("table", "host", "step_addrs", "launches", "pending", "captured", "streams",
-                 "last_use")
+class _Layout:
+    """How a table is made, kept so that its grad column can be rewritten when only the grads
+    moved: per row the owning tensor and the chunk's byte offset in the grad; per tensor the
+    grad's bytes and 16-byte alignment; the memory the step writes, as sorted disjoint
+    [start, end) intervals."""
+    __slots__ = ("steps_offset", "launches", "owner", "grad_offset", "grad_bytes", "grad_aligned",
+                 "written_start", "written_end")
 
-    def __init__(self, table, host, steps_offset, launches, pending, stream):
+    def __init__(self, steps_offset, launches, owner, grad_offset, grad_bytes, grad_aligned,
+                 written_start, written_end):
+        self.steps_offset = steps_offset
+        self.launches = launches  # [(first table element, number of chunks, aligned)]
+        self.owner = owner
+        self.grad_offset = grad_offset
+        self.grad_bytes = grad_bytes
+        self.grad_aligned = grad_aligned
+        self.written_start = written_start
+        self.written_end = written_end
+
+
+class _Plan:
+    __slots__ = ("table", "host", "layout", "step_addrs", "launches", "pending", "captured",
+                 "streams", "last_use")
+
+    def __init__(self, table, host, layout, pending, stream):
         self.table = table
-        self.host = host  # the CPU table; kept for a plan built during a capture
-        self.step_addrs = table[steps_offset:]
-        self.launches = [(table[o:o + c * 8], c, a) for o, c, a in launches if c]
+        self.host = host  # the CPU table
+        self.layout = layout
+        self.step_addrs = table[layout.steps_offset:]
+        self.launches = [(table[o:o + c * 8], c, a) for o, c, a in layout.launches if c]
         self.pending = pending
         self.captured = False
         self.streams = {stream}  # the streams whose use of the table its memory waits for
@@ -303,7 +329,8 @@ def _plan(params, grads, m1s, m2s, nus, steps, device):
         plan = _new_plan(ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device,
                          capturing)
         if len(_plans) >= _MAX_PLANS and key not in _plans:
-            del _plans[min(_plans, key=lambda k: _plans[k].last_use)]  # least recently used
+            # least recently used (by value: hashing the long keys again costs more)
+            del _plans[min(_plans.items(), key=lambda item: item[1].last_use)[0]]
         _plans[key] = plan
     _use(plan, device, capturing)
     return plan
@@ -353,7 +380,7 @@ def _new_plan(ptrs, numels, has_m1, elem_size, device, capturing):
     elem_sizes = torch.tensor([elem_size, elem_size, 4, 4, 4], dtype=torch.int64)
     aligned = (data % 16 == 0).all(dim=0)
 
-    parts, launches, offset = [], [], 0
+    parts, launches, owners, starts, offset = [], [], [], [], 0
     for is_aligned in (True, False):
         idx = (aligned == is_aligned).nonzero().flatten()
         counts = (numel[idx] + CHUNK_SIZE - 1) // CHUNK_SIZE  # empty tensors get no chunk
@@ -366,16 +393,50 @@ def _new_plan(ptrs, numels, has_m1, elem_size, device, capturing):
         rows[:, 6] = torch.clamp(numel[owner] - start, max=CHUNK_SIZE)
         parts.append(rows.flatten())
         launches.append((offset, rows.shape[0], is_aligned))
+        owners.append(owner)
+        starts.append(start)
         offset += rows.numel()
     host = torch.cat(parts + [step])
+    nbytes = numel[None, :] * elem_sizes[:, None]  # per list and tensor
+    written = [0, 2, 3, 4] if has_m1 else [0, 3, 4]
+    w_start = torch.cat([data[written].flatten(), step])
+    w_size = torch.cat([nbytes[written].flatten(), torch.full_like(step, 4)])
+    w_start, w_size = w_start[w_size > 0], w_size[w_size > 0]
+    order = torch.argsort(w_start)
+    layout = _Layout(offset, launches, torch.cat(owners), torch.cat(starts) * elem_size,
+                     nbytes[1], data[1] % 16 == 0, w_start[order], (w_start + w_size)[order])
+    return _Plan(_table_on(host, device, capturing), host, layout, capturing,
+                 torch.cuda.current_stream(device) if device.type == "cuda" else None)
+
+
+def _table_on(host, device, capturing):
+    """The table `host` on `device`: the CPU table itself, a capture's upload, or an eager copy."""
     if device.type != "cuda":
-        return _Plan(host, host, offset, launches, False, None)
+        return host
     if capturing:
-        table = _upload_in_graph(host, device)
-    else:
-        # Pinned + non_blocking: no host sync; the pinned block is held until the copy is done.
-        table = host.pin_memory().to(device, non_blocking=True)
-    return _Plan(table, host, offset, launches, capturing, torch.cuda.current_stream(device))
+        return _upload_in_graph(host, device)
+    # Pinned + non_blocking: no host sync; the pinned block is held until the copy is done.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _with_grads(plan, grad_ptrs, device, capturing):
+    """`plan` with its grad column moved to the grads at `grad_ptrs` (of the same dtypes, shapes
+    and contiguity as before), or None if a grad's alignment changed or a grad overlaps memory
+    the step writes (the full path then re-checks and names it)."""
+    lay = plan.layout
+    g = torch.tensor(grad_ptrs, dtype=torch.int64)
+    if not torch.equal(g % 16 == 0, lay.grad_aligned):
+        return None
+    # The last written interval starting before a grad's end overlaps it if it ends after its
+    # start (the written intervals are disjoint, so their ends are sorted too).
+    before = torch.searchsorted(lay.written_start, g + lay.grad_bytes) - 1
+    ends = lay.written_end[before.clamp(min=0)]
+    if ((before >= 0) & (ends > g) & (lay.grad_bytes > 0)).any():
+        return None
+    host = plan.host.clone()
+    host[:lay.steps_offset].view(-1, 8)[:, _G.value] = g[lay.owner] + lay.grad_offset
+    return _Plan(_table_on(host, device, capturing), host, lay, capturing,
+                 torch.cuda.current_stream(device) if device.type == "cuda" else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,15 +604,18 @@ class Stepper:
 
     The first call checks everything and builds the launch plan, as ademamix_step_ does. A later
     call reads only the params' addresses and sizes and the grads' addresses and contiguity (a
-    grad's shape and dtype are its param's: torch checks that when a grad is set); while they
-    are the same, it launches with the same plan. Anything else takes ademamix_step_'s path.
-    Hyperparameters are not validated here: the caller does that.
+    grad's shape, dtype and device are its param's: torch checks that when a grad is set).
+    Same addresses: the same plan. Grads elsewhere (zero_grad(set_to_none=True) and a new
+    backward): the plan's grad column is rewritten, after checking that no grad overlaps memory
+    the step writes. Anything else takes ademamix_step_'s path. Hyperparameters are not
+    validated here: the caller does that.
     """
 
     def __init__(self, params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps):
         self._lists = (list(params), list(exp_avg_fasts or ()), list(exp_avg_slows),
                        list(exp_avg_sqs), list(state_steps))
-        self._key = None
+        self._params_key = None  # the params' addresses and sizes the plan was checked with
+        self._grad_ptrs = None
         self._plan = None
 
     def step(self, grads, *, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
@@ -564,25 +628,36 @@ class Stepper:
             if _traced():
                 _step_op(*args)
                 return
+            grads = args[1]
             try:
-                key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
-                       tuple(map(_data_ptr, args[1])))
-                reusable = key == self._key and all(map(_is_contiguous, args[1]))
+                params_key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)))
+                grad_ptrs = tuple(map(_data_ptr, grads))
+                known = params_key == self._params_key and all(map(_is_contiguous, grads))
             except (RuntimeError, TypeError, AttributeError):  # e.g. a sparse grad
-                key, reusable = None, False
-            plan = self._plan
-            if reusable:
-                device = params[0].device
-                with _device_guard(device):
-                    capturing = _capturing(device)
-                    reusable = not (capturing and plan.pending)
-                    if reusable:
-                        for name, x in (("lr", args[7]), ("grad_scale", grad_scale),
-                                        ("found_inf", found_inf)):
-                            _check_scalar_tensor(name, x, device)
-                        _use(plan, device, capturing)
-                        _launch(plan, len(params), params[0].dtype, *args[6:])
-            if not reusable:
-                self._plan = _run(*args)
-                self._key = key
+                params_key, grad_ptrs, known = None, None, False
+            plan = self._launch_known(args, grad_ptrs) if known else None
+            if plan is None:
+                plan = _run(*args)
+                self._params_key = params_key
+            self._plan, self._grad_ptrs = plan, grad_ptrs
             _bump_versions(args)
+
+    def _launch_known(self, args, grad_ptrs):
+        """Launches with the plan of these params (its grads moved if need be); None if the
+        grads cannot simply be moved."""
+        params = self._lists[0]
+        device = params[0].device
+        with _device_guard(device):
+            capturing = _capturing(device)
+            plan = self._plan
+            # A pending plan is written by its own graph's replays only: another capture needs
+            # its own (the grad column rewrite makes one).
+            if grad_ptrs != self._grad_ptrs or (capturing and plan.pending):
+                plan = _with_grads(plan, grad_ptrs, device, capturing)
+                if plan is None:
+                    return None
+            for name, x in (("lr", args[7]), ("grad_scale", args[17]), ("found_inf", args[18])):
+                _check_scalar_tensor(name, x, device)
+            _use(plan, device, capturing)
+            _launch(plan, len(params), params[0].dtype, *args[6:])
+        return plan
