@@ -1,0 +1,551 @@
+"""Static code-generation gates: what the compilers made of the kernels, checked without a GPU.
+
+CUDA: the SASS and resource usage (cuobjdump) of every ademamix_step_kernel variant in the built
+extension: registers for the occupancy the kernel is built for, no local memory, and 128-bit
+global accesses in the vector path. Triton: _ademamix_kernel compiled for sm_90 in a subprocess
+(conftest turns the interpreter on, and interpreted functions cannot be compiled): vector loads in
+the PTX of the aligned variants (every param dtype, with and without m1 and grad scaling), no local
+memory in their cubin, and registers that let 3 programs share an SM.
+
+The parsers and checkers are pure functions of the tools' text, so the synthetic tests at the end
+can feed them broken kernels and show that every gate fails when it should.
+"""
+import collections
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Register file of sm_70 .. sm_90: 64K 32-bit registers per SM, allocated to a warp in units of
+# 256 (8 per thread), at most 255 per thread.
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256
+WARP_SIZE = 32
+MAX_REGS_PER_THREAD = 255
+# The occupancy the CUDA step kernel is designed for (its __launch_bounds__): 3 resident blocks.
+MIN_BLOCKS_PER_SM = 3
+# A vector access of the state arrays: 16 bytes (4 fp32) per thread.
+VECTOR_BITS = 128
+
+# Itanium mangling of the Variant's Param argument -> storage bytes.
+PARAM_BYTES = {"f": 4, "13__nv_bfloat16": 2, "6__half": 2}
+FP32 = "f"
+
+
+# ---------------------------------------------------------------------------------------------
+# facts from the sources and the register file
+
+
+def header_constant(name):
+    """An integer `constexpr` of csrc/ademamix.h, so the gate follows the kernel's configuration."""
+    text = (ROOT / "csrc" / "ademamix.h").read_text()
+    m = re.search(rf"\bconstexpr\s+\w+\s+{name}\s*=\s*(\d+)\s*;", text)
+    assert m, f"constexpr {name} not found in csrc/ademamix.h"
+    return int(m.group(1))
+
+
+def max_registers_per_thread(block_size, blocks_per_sm):
+    """Most registers a thread may use so that blocks_per_sm blocks of block_size fit on an SM."""
+    warps = blocks_per_sm * -(-block_size // WARP_SIZE)
+    per_warp = REGS_PER_SM // warps // REG_ALLOC_UNIT * REG_ALLOC_UNIT
+    return min(per_warp // WARP_SIZE, MAX_REGS_PER_THREAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# tools
+
+
+def find_cuobjdump():
+    """cuobjdump from PATH, $CUDA_HOME/bin, or the copy that ships inside triton's package."""
+    candidates = [shutil.which("cuobjdump"),
+                  Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"]
+    spec = importlib.util.find_spec("triton")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(loc) / "backends" / "nvidia" / "bin" / "cuobjdump"
+                       for loc in spec.submodule_search_locations]
+    return next((str(c) for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def cuobjdump(tool, *args):
+    res = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"{' '.join([tool, *args])} failed:\n{res.stderr}"
+    return res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# parsers: cuobjdump text in, per-kernel findings out. Kernels are keyed by (arch, name); a lone
+# cubin has no "arch =" line, so its arch is None.
+
+_ARCH = re.compile(r"^\s*arch = (sm_\w+)")
+_RES_FUNCTION = re.compile(r"^\s*Function ([^\s:]+):\s*$")
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
+_RES_FIELD = re.compile(r"\b([A-Z]+(?:\[\d+\])?):(\d+)")
+# "/*0070*/   @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;": the opcode after an optional predicate
+_SASS_INSN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def parse_res_usage(text):
+    """`cuobjdump -res-usage` -> {(arch, name): {"REG": n, "STACK": n, "LOCAL": n, ...}}."""
+    out, arch, key = {}, None, None
+    for line in text.splitlines():
+        if m := _ARCH.match(line):
+            arch, key = m.group(1), None
+        elif m := _RES_FUNCTION.match(line):
+            key = (arch, m.group(1))
+        elif key is not None and (fields := _RES_FIELD.findall(line)):
+            out[key] = {k: int(v) for k, v in fields}
+            key = None
+    return out
+
+
+def parse_sass(text):
+    """`cuobjdump -sass` -> {(arch, name): Counter of opcodes with their modifiers}."""
+    out, arch, key = {}, None, None
+    for line in text.splitlines():
+        if m := _ARCH.match(line):
+            arch, key = m.group(1), None
+        elif m := _SASS_FUNCTION.match(line):
+            key = (arch, m.group(1))
+            out[key] = collections.Counter()
+        elif key is not None and (m := _SASS_INSN.match(line)):
+            out[key][m.group(1)] += 1
+    return out
+
+
+def sass_access_bits(opcode):
+    """Width of a SASS memory access: LDG.E.128.CONSTANT -> 128, LDG.E.U16 -> 16, LDG.E -> 32.
+
+    Only a modifier that is a bare number or [US]8/[US]16 is a width, so cache hints such as
+    .LTC128B do not count.
+    """
+    for mod in opcode.split(".")[1:]:
+        if m := re.fullmatch(r"[US]?(8|16|32|64|128|256)", mod):
+            return int(m.group(1))
+    return 32
+
+
+@dataclasses.dataclass
+class KernelFindings:
+    regs: int
+    stack: int
+    local: int
+    local_insns: int  # LDL/STL: spills or a stack frame
+    loads: collections.Counter  # global load width in bits -> count
+    stores: collections.Counter
+
+
+def kernel_findings(resources, sass):
+    """Joins the two parses; a kernel missing from either output gets no entry."""
+    out = {}
+    for key in resources.keys() & sass.keys():
+        res, ops = resources[key], sass[key]
+        by_base = collections.defaultdict(collections.Counter)
+        for opcode, n in ops.items():
+            by_base[opcode.split(".")[0]][sass_access_bits(opcode)] += n
+        out[key] = KernelFindings(
+            regs=res["REG"], stack=res["STACK"], local=res["LOCAL"],
+            local_insns=sum(by_base["LDL"].values()) + sum(by_base["STL"].values()),
+            loads=by_base["LDG"], stores=by_base["STG"])
+    return out
+
+
+def wide(counter, bits=VECTOR_BITS):
+    return sum(n for width, n in counter.items() if width >= bits)
+
+
+def local_memory_failures(what, f):
+    if f.stack or f.local or f.local_insns:
+        return [f"{what}: local memory (STACK:{f.stack} LOCAL:{f.local}, "
+                f"{f.local_insns} LDL/STL instructions): registers spill or arrays live on a stack"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA step kernels
+
+# ademamix_step_kernel<Variant<Param, HasM1, HasGradScale, HasFoundInf, LrTensor>>: the Param
+# argument and the bools (Lb0E / Lb1E), HasM1 first.
+_STEP_VARIANT = re.compile(
+    r"ademamix_step_kernelI.*?VariantI(f|13__nv_bfloat16|6__half)((?:Lb[01]E)+)")
+
+
+def decode_step_variant(name):
+    """Mangled kernel name -> (param, (HasM1, HasGradScale, ...)) or None."""
+    m = _STEP_VARIANT.search(name)
+    if m is None:
+        return None
+    return m.group(1), tuple(int(b) for b in re.findall(r"Lb([01])E", m.group(2)))
+
+
+def step_variants(findings):
+    """{(arch, param, flags): findings} of the step kernels, and the names that did not decode."""
+    variants, undecoded = {}, []
+    for (arch, name), f in findings.items():
+        if "ademamix_step_kernel" not in name:
+            continue
+        v = decode_step_variant(name)
+        if v is None:
+            undecoded.append(name)
+        else:
+            variants[(arch, *v)] = f
+    return variants, undecoded
+
+
+def check_step_kernels(findings, max_regs):
+    """Every gate on the CUDA step kernels; returns the failures (empty when all hold)."""
+    variants, undecoded = step_variants(findings)
+    failures = [f"cannot decode the Variant of kernel {n}" for n in undecoded]
+    if not variants:
+        return failures + ["no ademamix_step_kernel in the extension"]
+    for arch in sorted({a for a, _, _ in variants}, key=str):
+        have = {(p, flags[0]) for a, p, flags in variants if a == arch}
+        missing = set(itertools.product(PARAM_BYTES, (0, 1))) - have
+        failures += [f"{arch}: no step kernel for Param={p} HasM1={m1}"
+                     for p, m1 in sorted(missing)]
+
+    for (arch, param, flags), f in sorted(variants.items(), key=str):
+        what = f"{arch} Variant<{param}, {', '.join(map(str, flags))}>"
+        if f.regs > max_regs:
+            failures.append(f"{what}: {f.regs} registers > {max_regs}, fewer than "
+                            f"{MIN_BLOCKS_PER_SM} blocks fit on an SM")
+        failures += local_memory_failures(what, f)
+        # Per vector group: one 16-byte access per fp32 state (m2, nu, and m1 when HasM1); fp32
+        # params and grads are 16 bytes of 4 elements too. A scalar vector path has none.
+        n_states = 2 + flags[0]
+        fp32 = PARAM_BYTES[param] == 4
+        want_loads, want_stores = n_states + 2 * fp32, n_states + fp32
+        if wide(f.loads) < want_loads:
+            failures.append(f"{what}: {wide(f.loads)} 128-bit global loads, expected at least "
+                            f"{want_loads} (vector path lost?) {dict(f.loads)}")
+        if wide(f.stores) < want_stores:
+            failures.append(f"{what}: {wide(f.stores)} 128-bit global stores, expected at least "
+                            f"{want_stores} (vector path lost?) {dict(f.stores)}")
+        if not fp32:
+            # 4 two-byte elements are one 64-bit access. The kernel's own bookkeeping (its records,
+            # the chunk counter) may use 64-bit accesses as well, identically in every Param: the
+            # excess over the fp32 kernel with the same flags is the param/grad traffic.
+            base = variants.get((arch, FP32, flags))
+            if base is None:
+                failures.append(f"{what}: no fp32 kernel with the same flags to compare with")
+                continue
+            extra_loads = f.loads[64] - base.loads[64]
+            extra_stores = f.stores[64] - base.stores[64]
+            if extra_loads < 2 or extra_stores < 1:
+                failures.append(f"{what}: {extra_loads} 64-bit loads and {extra_stores} 64-bit "
+                                f"stores beyond the fp32 kernel's, expected >= 2 (param, grad) "
+                                f"and >= 1 (param)")
+    return failures
+
+
+def step_kernel_table(findings):
+    """One line per step kernel, for the log of a failing run."""
+    variants, _ = step_variants(findings)
+    return "\n".join(
+        f"{arch} {param:>15} flags={''.join(map(str, flags))} REG:{f.regs} "
+        f"LDG128:{wide(f.loads)} STG128:{wide(f.stores)} LDG64:{f.loads[64]} STG64:{f.stores[64]}"
+        for (arch, param, flags), f in sorted(variants.items(), key=str))
+
+
+def extension_path():
+    spec = importlib.util.find_spec("ademamix_cuda._C")
+    return None if spec is None else spec.origin
+
+
+def test_cuda_step_kernels_sass():
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, $CUDA_HOME/bin, triton/backends/nvidia/bin)")
+    ext = extension_path()
+    if ext is None:
+        pytest.skip("the CUDA extension ademamix_cuda._C is not built")
+    findings = kernel_findings(parse_res_usage(cuobjdump(tool, "-res-usage", ext)),
+                               parse_sass(cuobjdump(tool, "-sass", ext)))
+    max_regs = max_registers_per_thread(header_constant("kBlockSize"), MIN_BLOCKS_PER_SM)
+    failures = check_step_kernels(findings, max_regs)
+    assert not failures, (f"{ext}:\n" + "\n".join(failures)
+                          + "\n\nall step kernels:\n" + step_kernel_table(findings))
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernel
+
+# Compiles _ademamix_kernel the way a launch specialises it: pointers 16-byte aligned (torch
+# storages and the 64-byte table rows), Python floats as fp32. Writes <tag>.ptx, <tag>.cubin and
+# meta.json (the launch configuration) into argv[1].
+_TRITON_COMPILE = r"""
+import json, sys
+from pathlib import Path
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from ademamix_cuda.triton_kernels import ademamix as mod
+
+out, variants = Path(sys.argv[1]), json.loads(sys.argv[2])
+fn = mod._ademamix_kernel
+pointers = {"table_ptr": "*i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+            "found_inf_ptr": "*fp32"}
+for tag, v in variants.items():
+    constexprs = dict(v["flags"], P_DTYPE=getattr(tl, v["dtype"]), BLOCK=mod.BLOCK_SIZE)
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "fp32")
+                 for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mod.NUM_WARPS})
+    (out / f"{tag}.ptx").write_text(k.asm["ptx"])
+    (out / f"{tag}.cubin").write_bytes(k.asm["cubin"])
+(out / "meta.json").write_text(json.dumps({"block": mod.BLOCK_SIZE, "num_warps": mod.NUM_WARPS,
+                                           "triton": triton.__version__}))
+"""
+
+_TRITON_FLAGS = dict(HAS_M1=True, MAXIMIZE=False, LR_IS_TENSOR=False, HAS_GRAD_SCALE=False,
+                     HAS_FOUND_INF=False)
+PARAM_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Every param dtype x HAS_M1 x HAS_GRAD_SCALE, aligned, the other flags off; and per dtype the
+# variant with every flag on. ptxas' register choice is not monotone in the code (a bf16 kernel
+# spilled at 80 registers where a 72-register cap fits), so each variant is compiled, not inferred.
+TRITON_VARIANTS = {
+    f"{_SHORT[dtype]}_m1{m1}_gs{gs}_aligned": dict(
+        dtype=dtype, flags=dict(_TRITON_FLAGS, HAS_M1=bool(m1), HAS_GRAD_SCALE=bool(gs),
+                                ALIGNED=True))
+    for dtype, m1, gs in itertools.product(PARAM_DTYPE_BYTES, (0, 1), (0, 1))
+}
+TRITON_VARIANTS.update({
+    f"{_SHORT[dtype]}_allflags_aligned": dict(
+        dtype=dtype, flags={**{k: True for k in _TRITON_FLAGS}, "ALIGNED": True})
+    for dtype in PARAM_DTYPE_BYTES
+})
+TRITON_ALIGNED = list(TRITON_VARIANTS)
+# Resident programs per SM the aligned variants must allow (as MIN_BLOCKS_PER_SM for CUDA).
+TRITON_MIN_PROGRAMS_PER_SM = 3
+# the negative control: without the alignment promise the compiler may not vectorize
+TRITON_VARIANTS["fp32_unaligned"] = dict(dtype="float32", flags=dict(_TRITON_FLAGS, ALIGNED=False))
+
+# "ld.global.v4.b32", "@%p1 st.global.L1::evict_last.b16", ...
+_PTX_GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+
+
+def ptx_global_access_bits(ptx):
+    """{"ld": Counter(bits), "st": Counter(bits)} of the global accesses in PTX text."""
+    out = {"ld": collections.Counter(), "st": collections.Counter()}
+    for op, mods in _PTX_GLOBAL.findall(ptx):
+        vec, bits = 1, None
+        for mod in mods.split(".")[1:]:
+            if m := re.fullmatch(r"v(\d)", mod):
+                vec = int(m.group(1))
+            elif m := re.fullmatch(r"[bsuf](\d+)", mod):
+                bits = int(m.group(1))
+        if bits is not None:
+            out[op][vec * bits] += 1
+    return out
+
+
+def triton_expected_wide(param_bytes, has_m1, elems_per_thread):
+    """(loads, stores) that must be >= 128 bits: every array whose per-thread run of
+    elems_per_thread contiguous elements spans 16 bytes, once at least."""
+    reach = VECTOR_BITS // 8
+    states = (2 + has_m1) * (4 * elems_per_thread >= reach)
+    param = param_bytes * elems_per_thread >= reach
+    return states + 2 * param, states + param
+
+
+def check_triton_kernel(what, ptx, findings, want_loads, want_stores):
+    bits = ptx_global_access_bits(ptx)
+    failures = []
+    if wide(bits["ld"]) < want_loads:
+        failures.append(f"{what}: {wide(bits['ld'])} >=128-bit global loads in the PTX, expected "
+                        f"at least {want_loads} {dict(bits['ld'])}")
+    if wide(bits["st"]) < want_stores:
+        failures.append(f"{what}: {wide(bits['st'])} >=128-bit global stores in the PTX, expected "
+                        f"at least {want_stores} {dict(bits['st'])}")
+    return failures + local_memory_failures(what, findings)
+
+
+@pytest.fixture(scope="module")
+def triton_builds(tmp_path_factory):
+    """{tag: (ptx, KernelFindings)} and the launch configuration, from one compiling subprocess."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, $CUDA_HOME/bin, triton/backends/nvidia/bin)")
+    out = tmp_path_factory.mktemp("triton_codegen")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")  # a real compile, not a cached artifact
+    res = subprocess.run([sys.executable, "-c", _TRITON_COMPILE, str(out),
+                          json.dumps(TRITON_VARIANTS)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"compiling the Triton kernel for sm_90 failed:\n{res.stderr}"
+    builds = {}
+    for tag in TRITON_VARIANTS:
+        cubin = str(out / f"{tag}.cubin")
+        findings = kernel_findings(parse_res_usage(cuobjdump(tool, "-res-usage", cubin)),
+                                   parse_sass(cuobjdump(tool, "-sass", cubin)))
+        assert list(findings) == [(None, "_ademamix_kernel")], f"{tag}: kernels {list(findings)}"
+        builds[tag] = ((out / f"{tag}.ptx").read_text(), findings[(None, "_ademamix_kernel")])
+    return builds, json.loads((out / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("tag", TRITON_ALIGNED)
+def test_triton_aligned_vector_loads_no_local_memory(triton_builds, tag):
+    builds, meta = triton_builds
+    ptx, findings = builds[tag]
+    v = TRITON_VARIANTS[tag]
+    elems_per_thread = meta["block"] // (WARP_SIZE * meta["num_warps"])
+    want = triton_expected_wide(PARAM_DTYPE_BYTES[v["dtype"]], v["flags"]["HAS_M1"],
+                                elems_per_thread)
+    failures = check_triton_kernel(f"triton {meta['triton']} {tag}", ptx, findings, *want)
+    assert not failures, "\n".join(failures) + f"\n(REG:{findings.regs})"
+
+
+@pytest.mark.parametrize("tag", TRITON_ALIGNED)
+def test_triton_aligned_registers_fit_occupancy(triton_builds, tag):
+    # ptxas may also stay spill-free by going past the occupancy bound (94 registers: 2 programs
+    # of 8 warps per SM instead of 3), which costs the bytes in flight the kernel lives on.
+    builds, meta = triton_builds
+    _, findings = builds[tag]
+    max_regs = max_registers_per_thread(WARP_SIZE * meta["num_warps"], TRITON_MIN_PROGRAMS_PER_SM)
+    assert findings.regs <= max_regs, (
+        f"triton {meta['triton']} {tag}: {findings.regs} registers > {max_regs}, fewer than "
+        f"{TRITON_MIN_PROGRAMS_PER_SM} programs of {meta['num_warps']} warps fit on an SM")
+
+
+def test_triton_unaligned_has_no_vector_loads(triton_builds):
+    # Negative control: the same kernel without the alignment hint gets scalar loads, so the vector
+    # loads seen above come from the hint and the PTX check can tell the difference.
+    builds, meta = triton_builds
+    ptx, findings = builds["fp32_unaligned"]
+    bits = ptx_global_access_bits(ptx)
+    assert bits["ld"] and wide(bits["ld"]) == 0, f"unaligned fp32 loads: {dict(bits['ld'])}"
+    want = triton_expected_wide(4, True, meta["block"] // (WARP_SIZE * meta["num_warps"]))
+    assert check_triton_kernel("fp32_unaligned", ptx, findings, *want)
+    # scalar accesses, but no spills either
+    failures = local_memory_failures(f"triton {meta['triton']} fp32_unaligned", findings)
+    assert not failures, "\n".join(failures) + f"\n(REG:{findings.regs})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the gates fail: synthetic cuobjdump text of healthy and broken step kernels
+
+
+def _mangled(param, flags):
+    return ("_ZN8ademamix51_GLOBAL__N__00000000_18_ademamix_kernel_cu_0000000020ademamix_step_"
+            f"kernelINS_7VariantI{param}{''.join(f'Lb{b}E' for b in flags)}"
+            "EEEEvPKNS_12TensorRecordE")
+
+
+def _healthy_kernels(max_regs):
+    """{name: (resources, [SASS instructions])} shaped like the real sm_90 output."""
+    kernels = {}
+    for param, has_m1, rest in itertools.product(PARAM_BYTES, (0, 1), ((0, 0, 0), (1, 1, 1))):
+        fp32 = PARAM_BYTES[param] == 4
+        n_states = 2 + has_m1
+        vec_param = "128" if fp32 else "64"
+        insns = (["LDG.E.64.CONSTANT R52, desc[UR4][R6.64+0x30]",
+                  "LDG.E.CONSTANT R3, desc[UR4][R6.64]"]
+                 + [f"LDG.E.{vec_param} R8, desc[UR4][R2.64]"] * 2
+                 + ["LDG.E.128 R12, desc[UR4][R4.64]"] * n_states
+                 + [f"STG.E.{vec_param} desc[UR4][R2.64], R8"]
+                 + ["STG.E.128 desc[UR4][R4.64], R12"] * n_states
+                 + ["@!P0 LDG.E R9, desc[UR4][R2.64]",
+                    "ATOMG.E.ADD.STRONG.GPU PT, R0, desc[UR4][R2.64], R5",
+                    "STG.E desc[UR4][R2.64], RZ", "EXIT"])
+        res = {"REG": max_regs, "STACK": 0, "SHARED": 0, "LOCAL": 0}
+        kernels[_mangled(param, (has_m1, *rest))] = (res, insns)
+    return kernels
+
+
+def _render(kernels):
+    """The kernels as (cuobjdump -res-usage, cuobjdump -sass) text of one sm_90 ELF."""
+    head = "\nFatbin elf code:\n================\narch = sm_90\ncode version = [1,8]\n"
+    res = [head, "\nResource usage:\n Common:\n  GLOBAL:0\n"]
+    sass = [head, "\n\tcode for sm_90\n"]
+    for name, (fields, insns) in kernels.items():
+        res.append(f" Function {name}:\n  "
+                   + " ".join(f"{k}:{v}" for k, v in fields.items()) + "\n")
+        sass.append(f"\n\t\tFunction : {name}\n\t.headerflags\t@\"EF_CUDA_SM90\"\n")
+        sass += [f"        /*{16 * i:04x}*/                   {insn} ;   /* 0x0000 */\n"
+                 f"                                                  /* 0x0000 */\n"
+                 for i, insn in enumerate(insns)]
+    return "".join(res), "".join(sass)
+
+
+def _names(kernels, param, has_m1):
+    return [n for n in kernels
+            if (v := decode_step_variant(n))[0] == param and v[1][0] == has_m1]
+
+
+def _first(kernels, param, has_m1):
+    return _names(kernels, param, has_m1)[0]
+
+
+def _scalar_vector_path(kernels, max_regs):
+    name = _first(kernels, FP32, 1)
+    res, insns = kernels[name]
+    kernels[name] = (res, [i.replace(".128 ", " ") for i in insns])
+
+
+def _spill(kernels, max_regs):
+    name = _first(kernels, "13__nv_bfloat16", 0)
+    res, insns = kernels[name]
+    kernels[name] = (res, insns[:3] + ["STL [R1+0x4], R8", "LDL.LU R8, [R1+0x4]"] + insns[3:])
+
+
+def _stack_frame(kernels, max_regs):
+    kernels[_first(kernels, "6__half", 1)][0]["STACK"] = 16
+
+
+def _too_many_registers(kernels, max_regs):
+    kernels[_first(kernels, FP32, 0)][0]["REG"] = max_regs + 1
+
+
+def _scalar_two_byte_params(kernels, max_regs):
+    name = _first(kernels, "6__half", 0)
+    res, insns = kernels[name]
+    kernels[name] = (res, [i.replace("G.E.64 ", "G.E.U16 ") for i in insns])
+
+
+def _lost_variant(kernels, max_regs):
+    for name in _names(kernels, "13__nv_bfloat16", 1):
+        del kernels[name]
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    pytest.param(_scalar_vector_path, "128-bit global loads", id="scalar_vector_path"),
+    pytest.param(_spill, "local memory", id="spill"),
+    pytest.param(_stack_frame, "local memory", id="stack_frame"),
+    pytest.param(_too_many_registers, "registers >", id="too_many_registers"),
+    pytest.param(_scalar_two_byte_params, "64-bit loads", id="scalar_two_byte_params"),
+    pytest.param(_lost_variant, "no step kernel for Param=13__nv_bfloat16 HasM1=1",
+                 id="lost_variant"),
+])
+def test_sass_checker_catches_broken_kernels(breakage, expected):
+    max_regs = max_registers_per_thread(header_constant("kBlockSize"), MIN_BLOCKS_PER_SM)
+    kernels = _healthy_kernels(max_regs)
+    res, sass = _render(kernels)
+    healthy = kernel_findings(parse_res_usage(res), parse_sass(sass))
+    # the synthetic healthy build passes, with its registers exactly at the bound
+    assert len(healthy) == len(kernels) and check_step_kernels(healthy, max_regs) == []
+    breakage(kernels, max_regs)
+    res, sass = _render(kernels)
+    failures = check_step_kernels(kernel_findings(parse_res_usage(res), parse_sass(sass)), max_regs)
+    assert any(expected in msg for msg in failures), failures
+
+
+def test_register_bound_from_the_register_file():
+    # Worked examples: 3 blocks of 256 threads are 24 warps sharing 64K registers, 2730 a warp,
+    # 2560 after rounding down to the 256-register unit: 80 a thread. 4 blocks: 2048 a warp, 64.
+    # One block of 64 threads could use more than the ISA allows: 255.
+    assert max_registers_per_thread(256, 3) == 80
+    assert max_registers_per_thread(256, 4) == 64
+    assert max_registers_per_thread(64, 1) == MAX_REGS_PER_THREAD
