@@ -206,8 +206,9 @@ class AdEMAMix(Optimizer):
         # torch casts state tensors to the param dtype (bf16 states for bf16 params, losing bits)
         # and may alias the given tensors: take our own fp32 copies of the saved values instead.
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        position = _positions(state_dict)
         for index, saved in saved_states.items():
-            p = params[index]
+            p = params[position[index]]
             state = self.state[p]
             for key in _STATE_TENSORS:
                 if isinstance(saved.get(key), Tensor):
@@ -264,10 +265,11 @@ def _check_state_dict(optimizer, state_dict):
         _check_group({**optimizer.defaults, **saved_group, "backend": group["backend"]})
         params += group["params"]
         beta1_of += [saved_group["betas"][0]] * len(group["params"])
+    position = _positions(state_dict)
     for index, saved in state_dict["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
+        if index not in position:
             raise ValueError(f"the state_dict holds state for parameter {index!r}, which this optimizer lacks")
-        p = params[index]
+        p = params[position[index]]
         missing = [k for k in ("step", "exp_avg_slow", "exp_avg_sq") if k not in saved]
         if missing:
             raise ValueError(f"not an AdEMAMix state: parameter {index} lacks {missing} "
@@ -275,8 +277,8 @@ def _check_state_dict(optimizer, state_dict):
         for key in _STATE_TENSORS:
             value = saved.get(key)
             if value is None:
-                if key != "exp_avg_fast" or beta1_of[index] != 0.0:
-                    raise ValueError(f"parameter {index}: {key!r} is missing but beta1 = {beta1_of[index]}")
+                if key != "exp_avg_fast" or beta1_of[position[index]] != 0.0:
+                    raise ValueError(f"parameter {index}: {key!r} is missing but beta1 = {beta1_of[position[index]]}")
                 continue
             if not isinstance(value, Tensor) or value.shape != p.shape:
                 shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -284,3 +286,11 @@ def _check_state_dict(optimizer, state_dict):
             if not same_layout(value, p):
                 raise ValueError(f"parameter {index}: {key!r} is {describe(value)} but the parameter "
                                  f"is {describe(p)}: a state must be laid out like its param")
+
+
+def _positions(state_dict):
+    """Saved param id -> position in the flattened param groups. Like torch's load_state_dict, the
+    saved groups' "params" lists map onto ours in order: ids are ints from state_dict(), FQNs from
+    torch.distributed.checkpoint's get/set_optimizer_state_dict."""
+    ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    return {pid: n for n, pid in enumerate(ids)}
