@@ -185,32 +185,17 @@ def comparison_lines(comps):
 def table(rows):
     cols = ["impl", "set", "tensors", "dtype", "grads", "us/step", "us/tensor", "min us", "calls",
             "same addrs", "note"]
-    right = {2, 5, 6, 7, 8, 9}
     body = []
     for r in rows:
-        if r["status"] != "ok":
-            body.append([r["label"], r["set"], str(r.get("n_tensors", "")), r["dtype"],
-                         r["grads"], "", "", "", "", "", r["status"]])
-            continue
-        body.append([r["label"], r["set"], str(r["n_tensors"]), r["dtype"], r["grads"],
-                     f"{r['us']:.0f}", f"{r['us_per_tensor']:.2f}", f"{r['us_min']:.0f}",
-                     str(r["calls"]), f"{100 * r['same_addrs']:.0f} %", r["note"]])
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
-              for i, c in enumerate(cols)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(cols), "  ".join("-" * w for w in widths)]
-    prev = None
-    for r, cells in zip(rows, body):
         group = (r["set"], r["dtype"], r["grads"])
-        if prev is not None and group != prev:
-            lines.append("")
-        prev = group
-        lines.append(line(cells))
-    return "\n".join(lines)
+        if r["status"] != "ok":
+            body.append((group, [r["label"], r["set"], str(r.get("n_tensors", "")), r["dtype"],
+                                 r["grads"], "", "", "", "", "", r["status"]]))
+            continue
+        body.append((group, [r["label"], r["set"], str(r["n_tensors"]), r["dtype"], r["grads"],
+                             f"{r['us']:.0f}", f"{r['us_per_tensor']:.2f}", f"{r['us_min']:.0f}",
+                             str(r["calls"]), f"{100 * r['same_addrs']:.0f} %", r["note"]]))
+    return run.text_table(cols, body, right={2, 5, 6, 7, 8, 9})
 
 
 def main(args, device, json_path):

@@ -485,12 +485,30 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def text_table(cols, body, right):
+    """Aligned text columns: `body` holds (group, cells) rows, a blank line between groups;
+    the columns numbered in `right` are right-aligned."""
+    widths = [max(len(c), *(len(cells[i]) for _, cells in body)) if body else len(c)
+              for i, c in enumerate(cols)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(cols), "  ".join("-" * w for w in widths)]
+    prev = None
+    for group, cells in body:
+        if prev is not None and group != prev:
+            lines.append("")
+        prev = group
+        lines.append(line(cells))
+    return "\n".join(lines)
+
+
 def table(rows, copy_gbps, device):
     """The stdout table: one row per (impl, set, dtype), then the implementations that did not run."""
     cols = ["impl", "set", "dtype", "ms", "GB/s", "% copy bw", "x vs authors", "host us/step",
             "extra MiB", "bytes formula / note"]
-    lines = []
-    prev = None
     body = []
     for r in rows:
         if r["status"] != "ok":
@@ -506,22 +524,7 @@ def table(rows, copy_gbps, device):
             fmt(r["GBps"], ".1f" if r["GBps"] < 100 else ".0f"), fmt(r["pct_copy"], ".1f"),
             fmt(r.get("speedup"), ".2f"), fmt(r["host_us"], ".0f"),
             fmt(r["extra_mib"], ".1f") if device.type == "cuda" else "n/a", note]))
-    widths = [max(len(c), *(len(b[1][i]) for b in body)) if body else len(c)
-              for i, c in enumerate(cols)]
-    right = {3, 4, 5, 6, 7, 8}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines.append(line(cols))
-    lines.append("  ".join("-" * w for w in widths))
-    for group, cells in body:
-        if prev is not None and group != prev:
-            lines.append("")
-        prev = group
-        lines.append(line(cells))
-    return "\n".join(lines)
+    return text_table(cols, body, right={3, 4, 5, 6, 7, 8})
 
 
 def plot(rows, path, title):
