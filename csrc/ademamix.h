@@ -336,8 +336,8 @@ ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int 
   update_strided<V, 1, kScalarUnroll>(c, scalar_from + tid, len, h, scalars);
 }
 
-// The multi-processor finish of a tensor's step in a block: true for the last block of the
-// tensor in this launch (see BlockCounter). Tensors of one chunk need no counter.
+// Counts this block as done with its tensor's step count: true for the last block of the tensor
+// in this launch (see BlockCounter). Tensors of one chunk need no counter.
 ADEMAMIX_HD bool is_last_block(BlockCounter* counter, int64_t n_chunks) {
   if (n_chunks == 1) {
     return true;
