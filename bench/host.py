@@ -26,7 +26,11 @@ import time
 
 import torch
 
-from bench import param_sets, run
+from bench import impls, param_sets
+from bench.environment import environment
+from bench.report import Progress, first_line, text_table
+from bench.step import DTYPES, make_params
+from bench.timing import free, sync
 
 GRADS = ("kept", "fresh")
 # Ours foreach is left out: ~45 us per tensor on the CPU, it would about double the run
@@ -52,7 +56,7 @@ def stubbed(impl, device):
 def label_of(impl, device):
     if stubbed(impl, device):
         return "ours triton (launches stubbed)"
-    return run.label_of(impl, device)
+    return impls.label_of(impl, device)
 
 
 def note_of(impl, device):
@@ -71,7 +75,7 @@ def why_not_run(impl, device, args):
 
         ok, reason = backends.available(device)["triton"]
         return None if ok else f"not available: {reason}"
-    return run.why_not_run(impl, device, args)
+    return impls.why_not_run(impl, device, args)
 
 
 class Subject:
@@ -81,7 +85,7 @@ class Subject:
         self.impl, self.device = impl, device
         self.stubbed = stubbed(impl, device)
         self.fresh = grads == "fresh"
-        self.params = run.make_params([(args.host_numel,)] * n_tensors, dtype, device, args.seed)
+        self.params = make_params([(args.host_numel,)] * n_tensors, dtype, device, args.seed)
         self.sources = [p.grad for p in self.params]
         self.opt = impl.make(self.params, device)
         self.addrs = self.grad_addrs()
@@ -100,7 +104,7 @@ class Subject:
             if timed:
                 self.same_addrs += addrs == self.addrs
             self.addrs = addrs
-            run.sync(self.device)
+            sync(self.device)
             t0 = time.perf_counter()
             self.opt.step()
             dt = time.perf_counter() - t0
@@ -120,7 +124,7 @@ def measure(impls, n_tensors, dtype, grads, device, args):
     try:
         return _measure(impls, n_tensors, dtype, grads, device, args)
     finally:
-        run.free(device)  # after _measure's frame, and with it every tensor of the run, is gone
+        free(device)  # after _measure's frame, and with it every tensor of the run, is gone
 
 
 def _measure(impls, n_tensors, dtype, grads, device, args):
@@ -132,7 +136,7 @@ def _measure(impls, n_tensors, dtype, grads, device, args):
                 subject.step(timed=False)
             subjects.append(subject)
         except Exception as e:
-            out[impl.key] = dict(status=f"error: {type(e).__name__}: {run.first_line(e)}")
+            out[impl.key] = dict(status=f"error: {type(e).__name__}: {first_line(e)}")
     start, rounds = time.perf_counter(), 0
     while subjects and rounds < args.max_reps and (
             rounds < args.reps or time.perf_counter() - start < args.min_time):
@@ -141,10 +145,10 @@ def _measure(impls, n_tensors, dtype, grads, device, args):
                 subject.step(timed=True)
             except Exception as e:
                 out[subject.impl.key] = dict(
-                    status=f"error: {type(e).__name__}: {run.first_line(e)}")
+                    status=f"error: {type(e).__name__}: {first_line(e)}")
                 subjects.remove(subject)
         rounds += 1
-    run.sync(device)
+    sync(device)
     for subject in subjects:
         out[subject.impl.key] = subject.result()
     return out
@@ -195,16 +199,16 @@ def table(rows):
         body.append((group, [r["label"], r["set"], str(r["n_tensors"]), r["dtype"], r["grads"],
                              f"{r['us']:.0f}", f"{r['us_per_tensor']:.2f}", f"{r['us_min']:.0f}",
                              str(r["calls"]), f"{100 * r['same_addrs']:.0f} %", r["note"]]))
-    return run.text_table(cols, body, right={2, 5, 6, 7, 8, 9})
+    return text_table(cols, body, right={2, 5, 6, 7, 8, 9})
 
 
 def main(args, device, json_path):
     keys = args.impl_keys or DEFAULT_IMPLS
-    impls = [i for i in run.IMPLS if i.key in keys]
+    chosen = [i for i in impls.IMPLS if i.key in keys]
     sets = {name: len(param_sets.shapes(name)) for name in args.set_names}
-    env = run.environment(device)
+    env = environment(device)
     runnable, skipped = [], []
-    for impl in impls:
+    for impl in chosen:
         reason = why_not_run(impl, device, args)
         if reason:
             skipped.append(dict(key=impl.key, label=label_of(impl, device), set="all",
@@ -218,14 +222,14 @@ def main(args, device, json_path):
           flush=True)
     print("  sets: " + ", ".join(f"{k} {n} tensors" for k, n in sets.items())
           + f", each tensor {args.host_numel} elements", flush=True)
-    progress = run.Progress(len(sets) * len(args.dtype_names) * len(GRADS))
+    progress = Progress(len(sets) * len(args.dtype_names) * len(GRADS))
     rows = []
     for set_name, n_tensors in sets.items():
         for dt_name in args.dtype_names:
             for grads in GRADS:
                 what = f"{set_name} {dt_name} grads {grads}: {len(runnable)} implementations"
                 progress(what)
-                results = measure(runnable, n_tensors, run.DTYPES[dt_name], grads, device, args)
+                results = measure(runnable, n_tensors, DTYPES[dt_name], grads, device, args)
                 for impl in runnable:
                     rows.append(dict(key=impl.key, label=label_of(impl, device), set=set_name,
                                      n_tensors=n_tensors, numel=args.host_numel, dtype=dt_name,
@@ -253,5 +257,5 @@ def main(args, device, json_path):
         triton_launches_stubbed=device.type != "cuda"), rows=rows, comparison=comps)
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {json_path}")
-    ours = {i.key for i in run.IMPLS if i.ours}
+    ours = {i.key for i in impls.IMPLS if i.ours}
     return 1 if any(r["key"] in ours and r["status"].startswith("error") for r in rows) else 0

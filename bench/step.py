@@ -1,0 +1,149 @@
+"""One measured optimizer step, and the correctness guard run before any timing."""
+import statistics
+
+import torch
+
+from bench import peers
+from bench.report import first_line
+from bench.timing import MIB, free, host_us_per_call, sync, time_steps
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_params(shapes, dtype, device, seed):
+    """Fresh random params (N(0, 0.02)) and grads (N(0, 1e-2)): non-zero, like a real step's."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device, dtype=dtype)
+                               .mul_(0.02))
+        p.grad = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(1e-2)
+        params.append(p)
+    return params
+
+
+def step_bytes(opt, params):
+    """Bytes one step must move, from the storage the implementation actually keeps.
+
+    Per element: p read + written, g read, every state buffer read + written. Buffers smaller than
+    p (step counters, quantization scales) are left out. Returns (bytes, formula).
+    """
+    total = 0
+    per_elem = set()
+    for p in params:
+        state_bytes = [v.element_size() * v.numel() // p.numel()
+                       for v in opt.state[p].values()
+                       if torch.is_tensor(v) and v.dim() > 0 and v.numel() >= p.numel()]
+        pb, gb = p.element_size(), p.grad.element_size()
+        total += p.numel() * (2 * pb + gb + 2 * sum(state_bytes))
+        per_elem.add((pb, gb, tuple(sorted(state_bytes, reverse=True))))
+    n = sum(p.numel() for p in params)
+    if len(per_elem) == 1:
+        pb, gb, states = per_elem.pop()
+        if len(set(states)) <= 1:
+            st = f"{len(states)}x2x{states[0]} states" if states else "no states"
+        else:
+            st = "2x(" + "+".join(map(str, states)) + ") states"
+        formula = f"2x{pb} p + {gb} g + {st} = {total // n} B/el"
+    else:
+        formula = f"mixed state storage: avg {total / n:.2f} B/el"
+    return total, formula
+
+
+def capture_graph(opt, device, warmup):
+    """Warm up on a side stream (building the state), then capture one step() into a CUDA graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph
+
+
+def measure(impl, shapes, dtype, device, args):
+    """Times one implementation on one parameter set; returns the numbers of its row."""
+    try:
+        return _measure(impl, shapes, dtype, device, args)
+    finally:
+        free(device)  # after _measure's frame, and with it every tensor of the run, is gone
+
+
+def _measure(impl, shapes, dtype, device, args):
+    params = make_params(shapes, dtype, device, args.seed)
+    opt = impl.make(params, device)
+    graph = None
+    if impl.graph:
+        graph = capture_graph(opt, device, max(1, args.warmup))  # eager steps build the state
+        fn = graph.replay
+    else:
+        fn = opt.step
+    compile_s = None
+    for i in range(args.warmup):
+        fn()
+        if i == 0:
+            compile_s = getattr(opt, "compile_seconds", None)
+    sync(device)
+    nbytes, formula = step_bytes(opt, params)
+
+    extra_mib = None
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        extra_mib = (torch.cuda.max_memory_allocated(device) - base) / MIB
+
+    if device.type == "cuda":
+        host_us = host_us_per_call(fn, device, args.host_steps)
+    times = time_steps(fn, device, args.reps, args.min_time, args.max_reps)
+    ms = statistics.median(times)
+    if device.type != "cuda":
+        host_us = statistics.fmean(times) * 1e3  # a CPU step() returns when its work is done
+    backend_used = getattr(opt, "backend_used", None)
+    return dict(status="ok", ms=ms, ms_min=min(times), reps=len(times), host_us=host_us,
+                extra_mib=extra_mib, bytes=nbytes, formula=formula, GBps=nbytes / ms / 1e6,
+                compile_s=compile_s, backend_used=backend_used)
+
+
+# ---------------------------------------------------------------------------------------------
+# A quick correctness guard: a benchmark of a wrong step is worthless
+# ---------------------------------------------------------------------------------------------
+
+CHECK_SHAPES = [(257,), (64, 33), (1000,), (3, 5, 7)]
+CHECK_STEPS = 3
+
+
+def check(impls, device, seed):
+    """Max |delta p - delta p_ref| / max |delta p_ref| over CHECK_STEPS fp32 steps, against the
+    authors' style. Adam rows are not AdEMAMix and are not checked."""
+    def run(make):
+        params = make_params(CHECK_SHAPES, torch.float32, device, seed)
+        before = [p.detach().clone() for p in params]
+        opt = make(params, device)
+        for _ in range(CHECK_STEPS):
+            opt.step()
+        sync(device)
+        return [p.detach().double() - b.double() for p, b in zip(params, before)]
+
+    ref = run(peers.authors_style)
+    scale = max(d.abs().max().item() for d in ref)
+    results = {}
+    for impl in impls:
+        if impl.algo != "AdEMAMix" or impl.graph or impl.key == "authors":
+            continue
+        try:
+            delta = run(impl.make)
+        except Exception as e:
+            results[impl.key] = dict(status=f"error: {type(e).__name__}: {first_line(e)}")
+            continue
+        err = max((d - r).abs().max().item() for d, r in zip(delta, ref)) / scale
+        # 8-bit states are quantized: only a gross error is an error there.
+        tol = 0.2 if impl.key == "bnb8" else 1e-3
+        results[impl.key] = dict(rel_err=err, tol=tol, status="ok" if err <= tol else "MISMATCH")
+    return results
