@@ -8,6 +8,7 @@ Environment:
   ADEMAMIX_PTXAS_VERBOSE=1     print ptxas' register and spill report for every kernel.
 """
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def extensions():
     if os.environ.get("ADEMAMIX_SKIP_CUDA_BUILD", "0") == "1":
         return [], {}
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     if torch.version.cuda is None or CUDA_HOME is None:
         print("ademamix_cuda: no CUDA build of torch or no nvcc; building without the extension "
@@ -70,7 +71,18 @@ def extensions():
         },
         py_limited_api=False,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # The CPU kernel again, for AVX2 + FMA, in a module of its own: flags per file do not
+        # exist here, and code built for AVX2 must not be linked where the baseline build runs.
+        exts.append(CppExtension(
+            name="ademamix_cuda._cpu_avx2",
+            sources=["csrc/avx2/ademamix_cpu_avx2.cpp"],
+            extra_compile_args=["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
+                                "-DCPU_CAPABILITY_AVX2"],
+            py_limited_api=False,
+        ))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -26,7 +26,21 @@ def _load_extension():
     return True, "ademamix_cuda._C loaded"
 
 
+def _load_cpu_kernel():
+    """Hands the op the AVX2 build of its CPU kernel when this CPU runs AVX2; returns the name of
+    the build in use."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "baseline"
+    try:
+        from . import _cpu_avx2
+    except ImportError:  # not built (another architecture, or an older build)
+        return "baseline"
+    torch.ops.ademamix._set_cpu_kernel(_cpu_avx2.kernel_address())
+    return "avx2"
+
+
 _EXTENSION_OK, _EXTENSION_WHY = _load_extension()
+CPU_KERNEL = _load_cpu_kernel() if _EXTENSION_OK else None
 _triton_status = None
 
 
@@ -77,6 +91,8 @@ def resolve(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return next(b for b in _AUTO_ORDER_CUDA if why_not(b, device) is None)
+        if device.type == "cpu" and _EXTENSION_OK:
+            return "cuda"  # the op's CPU kernel
         return "foreach"
     reason = why_not(name, device)
     if reason is not None:

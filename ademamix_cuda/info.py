@@ -25,6 +25,9 @@ def report() -> str:
         lines.append(f"backends for {device} tensors (auto picks {backends.resolve('auto', device)}):")
         for name, (ok, reason) in backends.available(device).items():
             lines.append(f"  {name:8s} {'yes' if ok else 'no '}  {reason}")
+    if backends.CPU_KERNEL is not None:
+        lines.append(f"the op's CPU kernel: {backends.CPU_KERNEL} build (CPU capability "
+                     f"{torch.backends.cpu.get_cpu_capability()})")
     return "\n".join(lines)
 
 

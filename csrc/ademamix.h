@@ -98,6 +98,19 @@ struct ScalarPtrs {
   const float* found_inf;
 };
 
+enum class ParamDtype { kFloat32, kBFloat16, kFloat16 };
+
+// One launch of a kernel over a plan: what the CUDA kernel and the CPU kernels take.
+struct LaunchArgs {
+  ParamDtype dtype;
+  bool has_m1;
+  LaunchPlan plan;    // in the memory of the tensors' device
+  int64_t n_chunks;   // blocks; a CUDA grid size, <= INT32_MAX (checked by build_plan)
+  int64_t n_tensors;  // tensors (and step counts) in the plan
+  HyperParams hyper;
+  ScalarPtrs scalars;  // null pointers select the variants without them
+};
+
 // Everything the element-wise math needs that depends on the step t, computed once per chunk.
 struct StepScalars {
   float lr;
@@ -140,6 +153,25 @@ void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool
       });
     });
   });
+}
+
+// Calls f(Variant<...>{}) for the param dtype and flags of launch `a`. Float, BFloat16 and Half
+// are the storage types of the compiler at hand (CUDA's or the host's).
+template <typename Float, typename BFloat16, typename Half, typename F>
+void dispatch_launch(const LaunchArgs& a, F&& f) {
+  const ScalarPtrs& d = a.scalars;
+  const bool gs = d.grad_scale != nullptr, fi = d.found_inf != nullptr, lr = d.lr != nullptr;
+  switch (a.dtype) {
+    case ParamDtype::kFloat32:
+      dispatch_variant<Float>(a.has_m1, gs, fi, lr, f);
+      break;
+    case ParamDtype::kBFloat16:
+      dispatch_variant<BFloat16>(a.has_m1, gs, fi, lr, f);
+      break;
+    case ParamDtype::kFloat16:
+      dispatch_variant<Half>(a.has_m1, gs, fi, lr, f);
+      break;
+  }
 }
 
 // found_inf nonzero (NaN included) skips the whole step, step counts included.
@@ -188,22 +220,33 @@ ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, 
   return s;
 }
 
-// The element-wise update: the only place the AdEMAMix math exists. All in fp32; p is the
-// param before this step (weight decay uses it), m1 is untouched when the variant has none.
-template <class V>
-ADEMAMIX_HD void ademamix_update(float& p, float g, float& m1, float& m2, float& nu,
-                                 const HyperParams& h, const StepScalars& s) {
-  g *= s.grad_mult;
-  float fast = g;  // beta1 == 0: m1 is g itself
+// Square roots of the number types the update runs on: float here; the CPU kernel adds its SIMD
+// vector type.
+template <class F>
+struct Sqrt;
+
+template <>
+struct Sqrt<float> {
+  static ADEMAMIX_HD float of(float x) { return sqrtf(x); }
+};
+
+// The element-wise update: the only place the AdEMAMix math exists. All in fp32, on one float
+// or (the CPU kernel) a SIMD vector of floats; p is the param before this step (weight decay
+// uses it), m1 is untouched when the variant has none.
+template <class V, class F>
+ADEMAMIX_HD void ademamix_update(F& p, F g, F& m1, F& m2, F& nu, const HyperParams& h,
+                                 const StepScalars& s) {
+  g = g * F(s.grad_mult);
+  F fast = g;  // beta1 == 0: m1 is g itself
   if constexpr (V::kHasM1) {
-    m1 = h.beta1 * m1 + h.one_minus_beta1 * g;
+    m1 = F(h.beta1) * m1 + F(h.one_minus_beta1) * g;
     fast = m1;
   }
-  m2 = s.beta3_t * m2 + s.one_minus_beta3_t * g;
-  nu = h.beta2 * nu + h.one_minus_beta2 * g * g;
-  const float denom = sqrtf(nu) * s.inv_sqrt_bc2 + h.eps;
-  const float update = (fast * s.inv_bc1 + s.alpha_t * m2) / denom + h.weight_decay * p;
-  p -= s.lr * update;
+  m2 = F(s.beta3_t) * m2 + F(s.one_minus_beta3_t) * g;
+  nu = F(h.beta2) * nu + F(h.one_minus_beta2) * g * g;
+  const F denom = Sqrt<F>::of(nu) * F(s.inv_sqrt_bc2) + F(h.eps);
+  const F update = (fast * F(s.inv_bc1) + F(s.alpha_t) * m2) / denom + F(h.weight_decay) * p;
+  p = p - F(s.lr) * update;
 }
 
 // Param storage <-> fp32. The default serves float and c10::BFloat16 / c10::Half on the host
@@ -272,7 +315,8 @@ ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int firs
       if constexpr (V::kHasM1) {
         m1f = m1[u].v[i];
       }
-      ademamix_update<V>(pf, Cast<T>::to_float(g[u].v[i]), m1f, m2[u].v[i], nu[u].v[i], h, s);
+      ademamix_update<V, float>(pf, Cast<T>::to_float(g[u].v[i]), m1f, m2[u].v[i], nu[u].v[i], h,
+                                s);
       p[u].v[i] = Cast<T>::from_float(pf);
       if constexpr (V::kHasM1) {
         m1[u].v[i] = m1f;

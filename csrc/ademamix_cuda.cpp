@@ -132,19 +132,6 @@ PlanCache<CudaPlan>& plan_cache() {
   return *cache;
 }
 
-ParamDtype param_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ParamDtype::kFloat32;
-    case at::kBFloat16:
-      return ParamDtype::kBFloat16;
-    case at::kHalf:
-      return ParamDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, "ademamix::step_: unsupported param dtype ", t);
-  }
-}
-
 void step_cuda(const StepArgs& a) {
   thread_local PlanKey key;  // keeps its capacity from call to call
   if (!check_step_args(a, c10::DeviceType::CUDA, key)) {
@@ -158,14 +145,7 @@ void step_cuda(const StepArgs& a) {
   const PlanView plan = plan_cache().get(
       key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
       [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
-  LaunchArgs la;
-  la.dtype = param_dtype(param0.scalar_type());
-  la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
-  la.plan = plan.launch_plan();
-  la.n_chunks = plan.n_chunks;
-  la.hyper = make_hyper_params(a);
-  la.scalars = make_scalar_ptrs(a);
-  launch_ademamix_step(la, stream.stream());
+  launch_ademamix_step(launch_args(a, key, plan), stream.stream());
 }
 
 // For the Triton backend's tables built during a capture: `host` (a CPU tensor) copied into a

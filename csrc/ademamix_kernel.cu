@@ -53,32 +53,15 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   step_block<V>(plan, blockIdx.x, h, d, block);
 }
 
-template <typename T>
-void launch_typed(const LaunchArgs& a, cudaStream_t stream) {
-  dispatch_variant<T>(a.has_m1, a.scalars.grad_scale != nullptr, a.scalars.found_inf != nullptr,
-                      a.scalars.lr != nullptr, [&](auto v) {
-                        using V = decltype(v);
-                        ademamix_step_kernel<V>
-                            <<<static_cast<unsigned>(a.n_chunks), kBlockSize, 0, stream>>>(
-                                a.plan, a.hyper, a.scalars);
-                        C10_CUDA_KERNEL_LAUNCH_CHECK();
-                      });
-}
-
 }  // namespace
 
 void launch_ademamix_step(const LaunchArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case ParamDtype::kFloat32:
-      launch_typed<float>(args, stream);
-      break;
-    case ParamDtype::kBFloat16:
-      launch_typed<__nv_bfloat16>(args, stream);
-      break;
-    case ParamDtype::kFloat16:
-      launch_typed<__half>(args, stream);
-      break;
-  }
+  dispatch_launch<float, __nv_bfloat16, __half>(args, [&](auto v) {
+    using V = decltype(v);
+    ademamix_step_kernel<V><<<static_cast<unsigned>(args.n_chunks), kBlockSize, 0, stream>>>(
+        args.plan, args.hyper, args.scalars);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace ademamix

@@ -185,6 +185,30 @@ ScalarPtrs make_scalar_ptrs(const StepArgs& a) {
   return ScalarPtrs{ptr(a.lr_tensor), ptr(a.grad_scale), ptr(a.found_inf)};
 }
 
+LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& view) {
+  LaunchArgs la;
+  switch (a.lists[kParamIdx][0].scalar_type()) {
+    case at::kFloat:
+      la.dtype = ParamDtype::kFloat32;
+      break;
+    case at::kBFloat16:
+      la.dtype = ParamDtype::kBFloat16;
+      break;
+    case at::kHalf:
+      la.dtype = ParamDtype::kFloat16;
+      break;
+    default:
+      TORCH_CHECK(false, kOp, "unsupported param dtype");
+  }
+  la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
+  la.plan = view.launch_plan();
+  la.n_chunks = view.n_chunks;
+  la.n_tensors = static_cast<int64_t>(key.n_tensors());
+  la.hyper = make_hyper_params(a);
+  la.scalars = make_scalar_ptrs(a);
+  return la;
+}
+
 size_t PlanKey::hash() const {
   size_t h = 0xcbf29ce484222325ull;  // FNV-1a over words
   for (uintptr_t w : words) {
@@ -293,7 +317,7 @@ void Plan::serialize(void* dst) const {
 
 namespace {
 
-// The CPU kernel runs the CUDA kernel's block function (step_block) on host threads: one block
+// The GPU stand-in: the CUDA kernel's block function (step_block) on host threads, one block
 // at a time per thread, its kBlockSize threads in turn. __syncthreads is a no-op there (the
 // threads before it have all run), thread 0 runs last, and the block counter is a host atomic.
 class HostBlock {
@@ -361,44 +385,28 @@ std::vector<int64_t> shuffled_blocks(int64_t n) {
   return order;
 }
 
-void step_cpu(const StepArgs& a) {
-  static PlanCache<CpuPlan>* cache = new PlanCache<CpuPlan>();  // leaked, like the CUDA one
-  PlanKey key;
-  if (!check_step_args(a, c10::DeviceType::CPU, key)) {
-    return;
-  }
-  const PlanView view = cache->get(
+}  // namespace
+
+PlanView cpu_plan(const PlanKey& key) {
+  static auto* cache = new PlanCache<CpuPlan>();  // leaked, like the CUDA one
+  return cache->get(
       key, [&](size_t hash) { return make_cpu_plan(key, hash); }, [](CpuPlan&) {});
-  const LaunchPlan plan = view.launch_plan();
-  const HyperParams h = make_hyper_params(a);
-  const ScalarPtrs d = make_scalar_ptrs(a);
-  const std::vector<int64_t> order = shuffled_blocks(view.n_chunks);
-  const auto run = [&](auto variant) {
+}
+
+void run_gpu_blocks(const LaunchArgs& a) {
+  const std::vector<int64_t> order = shuffled_blocks(a.n_chunks);
+  dispatch_launch<float, c10::BFloat16, c10::Half>(a, [&](auto variant) {
     using V = decltype(variant);
-    at::parallel_for(0, view.n_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         HostBlock block;
-        step_block<V>(plan, order[i], h, d, block);
+        step_block<V>(a.plan, order[i], a.hyper, a.scalars, block);
       }
     });
-  };
-  const bool has_m1 = !a.lists[kExpAvgFastIdx].empty();
-  const bool gs = a.grad_scale != nullptr, fi = a.found_inf != nullptr;
-  const bool lr_t = a.lr_tensor != nullptr;
-  switch (a.lists[kParamIdx][0].scalar_type()) {
-    case at::kFloat:
-      dispatch_variant<float>(has_m1, gs, fi, lr_t, run);
-      break;
-    case at::kBFloat16:
-      dispatch_variant<c10::BFloat16>(has_m1, gs, fi, lr_t, run);
-      break;
-    case at::kHalf:
-      dispatch_variant<c10::Half>(has_m1, gs, fi, lr_t, run);
-      break;
-    default:
-      TORCH_CHECK(false, kOp, "unreachable dtype");
-  }
+  });
 }
+
+namespace {
 
 // With only empty lists the dispatcher has no tensor to pick a backend from and comes here;
 // so do tensors on a device without a kernel.
@@ -426,11 +434,6 @@ TORCH_LIBRARY(ademamix, m) {
       "Tensor lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(ademamix, CPU, m) {
-  m.impl("step_", TORCH_FN((step_op<step_cpu, double>)));
-  m.impl("step_.tensor_lr", TORCH_FN((step_op<step_cpu, const at::Tensor&>)));
 }
 
 // No derivative. Unlike torch's default fallback for custom ops, this one refuses an in-place

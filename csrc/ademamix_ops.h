@@ -131,6 +131,16 @@ class PlanCache {
   std::list<Entry> entries_;
 };
 
+// A launch of the plan `view` of `key` for the checked arguments `a`.
+LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& view);
+
+// The plan of `key` for CPU tensors, from a cache shared by the CPU kernels.
+PlanView cpu_plan(const PlanKey& key);
+
+// The CPU kernel that stands in for the GPU in tests: the CUDA kernel's block function on host
+// threads, blocks in a new shuffled order each launch.
+void run_gpu_blocks(const LaunchArgs& a);
+
 // The op's kernel for both overloads of the schema (Lr = double, or const at::Tensor& for
 // step_.tensor_lr), forwarding to Run (the CPU or the CUDA implementation).
 template <void (*Run)(const StepArgs&), typename Lr>

@@ -20,6 +20,7 @@ Tolerances (SPEC.md, "Numerics"), and why they hold:
   |p_old| + |lr * update| (this matters only where p lands near zero and its ulp becomes tiny).
   States are fp32 there and get FP32_STEP_RTOL = 1e-5 for a single step (the bound above is 2.4e-7).
 """
+import contextlib
 import importlib.util
 import math
 import os
@@ -96,6 +97,17 @@ def require_backend(backend, device="cpu"):
 
 def requires_gpu(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(fn))
+
+
+@contextlib.contextmanager
+def cpu_gpu_blocks():
+    """The op's CPU calls run the GPU stand-in (the CUDA kernel's block function, blocks in a
+    shuffled order) instead of the fast CPU kernel."""
+    old = torch.ops.ademamix._cpu_gpu_blocks(True)
+    try:
+        yield
+    finally:
+        torch.ops.ademamix._cpu_gpu_blocks(old)
 
 
 def backend_params(devices=DEVICES, dtypes=None, backends=BACKENDS):

@@ -1,8 +1,9 @@
 """Launch plans: how the kernel backends map tensors to blocks, and keep that map across steps.
 
-- The op's CPU kernel runs the CUDA kernel's block function, blocks in a new shuffled order each
-  launch, with the plan (and its per-tensor block counters) cached across launches: the step
-  count handoff between the blocks of a tensor is tested here, not only on a GPU.
+- The op's CPU stand-in for the GPU runs the CUDA kernel's block function, blocks in a new
+  shuffled order each launch, with the plan (and its per-tensor block counters) cached across
+  launches: the step count handoff between the blocks of a tensor is tested here, not only on a
+  GPU.
 - The optimizer's Triton Stepper reuses its plan while the tensors stay where they are, and
   takes the checked path when anything moves.
 - On a GPU: plans built during a CUDA-graph capture (torch's whole-network capture recipe), an
@@ -13,15 +14,15 @@ import pytest
 import torch
 
 import ademamix_cuda
-from helpers import (FP32_RTOL, GradSource, Lists, assert_rel_close, make_param_values,
-                     require_backend, requires_gpu)
+from helpers import (FP32_RTOL, GradSource, Lists, assert_rel_close, cpu_gpu_blocks,
+                     make_param_values, require_backend, requires_gpu)
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.99, alpha=5.0, beta3_warmup=9,
              alpha_warmup=6, eps=1e-8, weight_decay=0.1, maximize=False)
 CHUNK = 16384  # csrc/ademamix.h kChunkSize and the Triton CHUNK_SIZE
 
 
-def test_cpu_kernel_step_handoff_over_many_launches():
+def test_gpu_stand_in_step_handoff_over_many_launches():
     """Tensors of 1 to 7 chunks, each starting at its own step count, 30 launches of one cached
     plan (block counters persist and only grow), every fourth step skipped by found_inf: each
     step count moves by exactly one per launch that is not skipped, and params and states match
@@ -38,8 +39,9 @@ def test_cpu_kernel_step_handoff_over_many_launches():
     for k in range(1, 31):
         g = [x.float() for x in grads.next()]
         skip = k % 4 == 0
-        ademamix_cuda.functional.ademamix(*lists.args(g), backend="cuda",
-                                          found_inf=torch.tensor(float(skip)), **HYPER)
+        with cpu_gpu_blocks():
+            ademamix_cuda.functional.ademamix(*lists.args(g), backend="cuda",
+                                              found_inf=torch.tensor(float(skip)), **HYPER)
         if not skip:
             lists.reference_step(g, **HYPER)
         lists.check(FP32_RTOL, f"launch {k}")
