@@ -61,11 +61,11 @@ def host_us_per_call(fn, device, calls):
 def copy_bandwidth(device, mib, min_reps, min_time):
     """The yardstick of every row, in GB/s of bytes read + written.
 
-    CUDA: an fp32 copy_ of `mib` MiB. CPU: the best of an fp32 copy_, an in-place add_ and an
-    in-place addcmul_ over `mib` MiB arrays, on one thread per core the process may use,
+    CUDA: an fp32 copy_ of `mib` MiB. CPU: the best of an fp32 copy_ and the in-place mul_, add_
+    and addcmul_ over `mib` MiB arrays, on one thread per core the process may use,
     whatever the run's thread count: the machine's roof. A copy's writes go to memory it did not
     read, which costs a CPU an extra read per line (write-allocate), so a step that updates its
-    arrays in place outruns it; in-place streams like add_ are the fairer roof.
+    arrays in place outruns it; in-place streams like mul_ and add_ are the fairer roof.
     """
     if device.type == "cpu":
         threads = torch.get_num_threads()
@@ -83,7 +83,8 @@ def _stream_bandwidth(device, mib, min_reps, min_time):
     # (what, the op, bytes read + written per element)
     ops = [("copy_", lambda: a.copy_(b), 8)]
     if device.type == "cpu":
-        ops += [("add_ in place", lambda: a.add_(b, alpha=1e-9), 12),
+        ops += [("mul_ in place", lambda: a.mul_(1.0), 8),
+                ("add_ in place", lambda: a.add_(b, alpha=1e-9), 12),
                 ("addcmul_ in place", lambda: a.addcmul_(b, c, value=1e-9), 16)]
     best = None
     for what, op, per_element in ops:
