@@ -21,6 +21,15 @@ def _git(*cmd):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def pick_device(choice):
+    """The device for --device auto|cuda|cpu (auto: cuda when visible); None for cuda without one."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        return None
+    return torch.device(choice)
+
+
 def environment(device):
     env = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -32,19 +32,48 @@ def text_table(cols, body, right):
     return "\n".join(lines)
 
 
-class Progress:
-    """One line on stderr, rewritten in place on a terminal, one line per update otherwise."""
+def pyplot():
+    """(matplotlib.pyplot drawing to files, None), or (None, why no plot is written)."""
+    try:
+        import matplotlib
 
-    def __init__(self, total):
-        self.total, self.done = total, 0
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return None, f"not written: matplotlib does not import ({first_line(e)})"
+    return plt, None
+
+
+def save_figure(fig, path, title, dpi):
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
+class Progress:
+    """One line on stderr, rewritten in place on a terminal, one line per update otherwise.
+
+    `advance` moves the count by one (True) or by a fraction of an item; with `bar`, the line
+    starts with a bar of the share done."""
+
+    BAR = 20
+
+    def __init__(self, total, bar=False):
+        self.total, self.done, self.bar = total, 0, bar
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
         self.width = 0
 
     def __call__(self, text, advance=False):
-        if advance:
-            self.done += 1
-        msg = f"[{self.done}/{self.total} {time.perf_counter() - self.t0:5.0f}s] {text}"
+        self.done += advance
+        msg = f"[{self.done:g}/{self.total} {time.perf_counter() - self.t0:5.0f}s] {text}"
+        if self.bar:
+            filled = round(self.BAR * min(1, self.done / max(1, self.total)))
+            msg = "[" + "#" * filled + "-" * (self.BAR - filled) + "] " + msg
         if self.tty:
             pad = max(0, self.width - len(msg))
             sys.stderr.write("\r" + msg + " " * pad)

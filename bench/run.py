@@ -18,10 +18,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `ademamix_cud
 import torch
 
 from bench import param_sets, peers
-from bench.environment import environment
+from bench.environment import environment, pick_device
 from bench.impls import IMPL_KEYS, IMPLS, label_of, why_not_run
 from bench.peers import Unavailable
-from bench.report import Progress, first_line, fmt, text_table
+from bench.report import Progress, first_line, fmt, pyplot, save_figure, text_table
 from bench.step import CHECK_STEPS, DTYPES, check, measure
 from bench.sweep import SWEEP_CONFIGS, parse_sweep_configs, sweep_summary, sweep_triton
 from bench.timing import copy_bandwidth, free
@@ -56,13 +56,9 @@ def table(rows, copy_gbps, device):
 
 def plot(rows, path, title):
     """Bar chart of % of copy bandwidth: one panel per (set, dtype), one bar per implementation."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:
-        return f"not written: matplotlib does not import ({first_line(e)})"
+    plt, why_not = pyplot()
+    if why_not:
+        return why_not
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return "not written: no row ran"
@@ -98,11 +94,7 @@ def plot(rows, path, title):
         ax.tick_params(axis="y", labelsize=8)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, title, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,13 +224,10 @@ def _csv(text, allowed, flag, parser):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-            return 2
+    device = pick_device(args.device)
+    if device is None:
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
     on_cuda = device.type == "cuda"
     if args.threads is None and not on_cuda:
         args.threads = 1

@@ -1,0 +1,93 @@
+"""`python -m bench.convergence` in miniature: every part runs a few steps, writes its PNG and JSON,
+and its numbers are finite and going down. The full run is a command, not a test."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` sits at the repo root
+
+from ademamix_cuda import backends  # noqa: E402
+from bench import convergence  # noqa: E402
+
+TINY = ["--device", "cpu", "--rosenbrock-iters", "2000", "--rosenbrock-lr", "0.01", "--steps", "12", "--eval-every", "4",
+        "--seeds", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32",
+        "--batch", "8", "--val-windows", "16", "--triton-steps", "4"]
+# A byte-level model starts near the uniform guess, ln(256) nats.
+START_LOSS = math.log(256)
+# fp32 kernels agree with a float64 reference to 1e-5 relative per step (SPEC); over a dozen
+# steps, losses of ~5 nats from two backends must then agree to well under 1e-4.
+BACKEND_TOL = 1e-4
+
+
+def run(tmp_path, *extra):
+    status = convergence.main(TINY + ["--out", str(tmp_path), *extra])
+    (json_path,) = tmp_path.glob("*-convergence.json")
+    return status, json.loads(json_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("convergence")
+    status, result = run(tmp_path, "--workers", "1")
+    assert status == 0
+    (png,) = tmp_path.glob("*-convergence.png")
+    assert result["png"] == str(png) and png.stat().st_size > 10_000
+    return result
+
+
+def test_rosenbrock_curves_go_down(result):
+    runs = result["rosenbrock"]
+    assert [r["label"] for r in runs] == ["Adam beta1=0.9", "Adam beta1=0.99", "Adam beta1=0.999",
+                                          "AdEMAMix beta3=0.999", "AdEMAMix beta3=0.9999"]
+    for r in runs:
+        its, losses = zip(*r["curve"])
+        assert its[0] == 0 and its[-1] == 2000
+        assert all(math.isfinite(v) for v in losses)
+        assert losses[0] == pytest.approx(1616.0)  # f(-3, 5) = 4^2 + 100 * 4^2
+        # Short runs of heavy momentum still swing: the best is far down, the last is down.
+        assert r["best"] < losses[0] / 100 and r["final"] < losses[0], r["label"]
+
+
+def test_lm_trains_and_is_summarized(result):
+    lm = result["lm"]
+    assert len(lm["runs"]) == 4  # AdamW and AdEMAMix, 2 seeds each
+    for r in lm["runs"]:
+        steps, vals = zip(*r["evals"])
+        assert steps == (0, 4, 8, 12)
+        assert all(math.isfinite(v) for v in vals) and len(r["train"]) == 12
+        assert vals[0] == pytest.approx(START_LOSS, abs=0.1)
+        assert vals[-1] < vals[0] - 0.1, r["label"]
+    summary = lm["summary"]
+    assert list(summary) == ["AdamW", "AdEMAMix beta3=0.9999"]
+    for s in summary.values():
+        assert s["seeds"] == 2 and math.isfinite(s["final_mean"]) and s["final_std"] >= 0
+        assert s["final_mean"] == pytest.approx(sum(s["finals"]) / 2)
+    reach = summary["AdEMAMix beta3=0.9999"]["reaches_adamw_final"]
+    assert reach["target"] == summary["AdamW"]["final_mean"]
+    assert reach["step"] in (None, 4, 8, 12)
+    # Same seed, same init and batches: the two optimizers start from the same loss.
+    first = {(r["optimizer"], r["seed"]): r["evals"][0][1] for r in lm["runs"]}
+    assert first[("adamw", 1)] == first[("ademamix", 1)]
+
+
+def test_every_backend_runs_and_agrees(result):
+    rows = result["backends"]["rows"]
+    available = [b for b, (ok, _) in backends.available("cpu").items() if ok]
+    assert sorted(r["backend"] for r in rows) == sorted(available)
+    assert {r["precision"] for r in rows} == set(convergence.STATE_PRECISIONS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["steps"] == (4 if r["backend"] == "triton" else 12)
+        assert r["gap"] < BACKEND_TOL and r["train_gap"] < BACKEND_TOL, r
+    assert result["backends"]["early_steps"] == 4
+    assert sum(r["reference"] for r in rows) == 1
+
+
+def test_workers_do_not_change_the_numbers(result, tmp_path):
+    status, again = run(tmp_path, "--workers", "2", "--parts", "rosenbrock,lm", "--no-plot")
+    assert status == 0
+    assert [r["curve"] for r in again["rosenbrock"]] == [r["curve"] for r in result["rosenbrock"]]
+    assert [r["evals"] for r in again["lm"]["runs"]] == [r["evals"] for r in result["lm"]["runs"]]
