@@ -398,13 +398,7 @@ def backends_table(summary, skipped):
     return text_table(cols, body, right={2, 3, 4, 5, 6, 7, 8})
 
 
-def plot(rosen, lm_summary, back, back_results, path, title):
-    """Three panels: Rosenbrock loss, LM validation loss (mean ± std), backends' gap."""
-    plt, why_not = pyplot()
-    if why_not:
-        return why_not
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    ax = axes[0]
+def rosenbrock_panel(ax, rosen):
     for run, r in rosen.items():
         if r["status"] == "ok":
             its, losses = zip(*r["curve"])
@@ -415,9 +409,9 @@ def plot(rosen, lm_summary, back, back_results, path, title):
     ax.set_xlabel("iteration")
     ax.set_ylabel("Rosenbrock loss")
     ax.set_title(f"Rosenbrock from {ROSENBROCK_START}", fontsize=10)
-    ax.legend(fontsize=8)
 
-    ax = axes[1]
+
+def lm_panel(ax, lm_summary):
     for name, s in lm_summary.items():
         lo = [m - d for m, d in zip(s["mean"], s["std"])]
         hi = [m + d for m, d in zip(s["mean"], s["std"])]
@@ -425,29 +419,46 @@ def plot(rosen, lm_summary, back, back_results, path, title):
                         f"{s['final_std']:.3f} ({s['seeds']} seeds)")
         ax.fill_between(s["steps"], lo, hi, color=line.get_color(), alpha=0.25)
     tails = [v for s in lm_summary.values() for v in s["mean"][len(s["mean"]) // 4:]]
-    if tails:  # zoom on the part of the curves where the optimizers differ
-        ax.set_ylim(min(tails) - 0.05, max(tails) + 0.05)
+    # Zoom on the part of the curves where the optimizers differ.
+    ax.set_ylim(min(tails) - 0.05, max(tails) + 0.05)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats per byte)")
     ax.set_title("tiny GPT, validation loss (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=8)
 
-    ax = axes[2]
-    ref = next((r for run, r in back_results.items() if run.backend == back["reference"]
-                and run.precision == "fp32" and run.stop is None), None)
-    if ref and ref["status"] == "ok":
-        ref_evals = dict(ref["evals"])
-        for run, r in back_results.items():
-            if r["status"] != "ok" or r is ref:
-                continue
+
+def backends_panel(ax, back, back_results):
+    ref = next(r for run, r in back_results.items() if run.backend == back["reference"]
+               and run.precision == "fp32" and run.stop is None)
+    ref_evals = dict(ref["evals"])
+    for run, r in back_results.items():
+        if r["status"] == "ok" and r is not ref:
             pts = [(s, v - ref_evals[s]) for s, v in r["evals"] if s in ref_evals]
             ax.plot(*zip(*pts), marker="o" if len(pts) < 5 else None, ms=4,
                     label=f"{run.backend} {run.precision}")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.legend(fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"val loss minus {back.get('reference')} fp32 run")
+    ax.set_ylabel(f"val loss minus the {back['reference']} fp32 run")
     ax.set_title("AdEMAMix, backends and state precisions (seed 0)", fontsize=10)
+
+
+def plot(rosen, lm_summary, back, back_results, path, title):
+    """A panel per part that has curves: Rosenbrock loss, LM validation loss (mean ± std), the
+    backends' validation loss minus the reference's."""
+    plt, why_not = pyplot()
+    if why_not:
+        return why_not
+    ref_ok = any(row["reference"] and row["status"] == "ok" for row in back.get("rows", []))
+    panels = [(draw, data) for draw, data, ok in (
+        (rosenbrock_panel, (rosen,), any(r["status"] == "ok" for r in rosen.values())),
+        (lm_panel, (lm_summary,), bool(lm_summary)),
+        (backends_panel, (back, back_results), ref_ok)) if ok]
+    if not panels:
+        return "not written: no run has a curve"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.7 * len(panels), 4.8), squeeze=False)
+    for ax, (draw, data) in zip(axes.flat, panels):
+        draw(ax, *data)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return save_figure(fig, path, title, dpi=110)
 
 
@@ -648,8 +659,7 @@ def main(argv=None):
                      f"{back['ademamix_seed_std']:.1e}" if back["ademamix_seed_std"] else ""))
     print(f"\nwall time {wall:.0f} s")
 
-    title = (f"AdEMAMix convergence, {env['device_name']}, torch {env['torch']}, "
-             f"{stamp[:8]}")
+    title = f"AdEMAMix convergence, {stamp[:8]}\n{env['device_name']}, torch {env['torch']}"
     png = "not written (--no-plot)" if args.no_plot else plot(
         rosen, lm_summary, back, {r: results[r] for r in backend_runs}, png_path, title)
     result = dict(
