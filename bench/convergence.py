@@ -283,6 +283,20 @@ def first_step_at_or_below(steps, values, target):
     return next((s for s, v in zip(steps, values) if v <= target), None)
 
 
+def early_share(beta1, beta3, steps):
+    """The share of the slow EMA's weight that the gradients of the first 10 % of the steps hold
+    after the last step, with both warm-ups as long as the run: what m2 still remembers of the
+    start (from the beta3 schedule alone)."""
+    from ademamix_cuda.schedules import beta3_at
+
+    weights, keep = [], 1.0  # from the last step back: weight of g_t = (1 - b_t) * prod_{u>t} b_u
+    for t in range(steps, 0, -1):
+        b = beta3_at(t, beta1, beta3, steps)
+        weights.append((1 - b) * keep)
+        keep *= b
+    return sum(weights[steps - steps // 10:]) / sum(weights)
+
+
 def summarize_lm(cfg, results):
     """Per curve (AdamW, AdEMAMix for each beta3): the final validation loss over the seeds (mean,
     std), the mean curve, and for AdEMAMix the first evaluated step at which its mean reaches
@@ -298,6 +312,10 @@ def summarize_lm(cfg, results):
                          final_std=mean_std(finals)[1], steps=steps,
                          mean=[m for m, _ in curve], std=[s for _, s in curve],
                          ms_per_step=statistics.median(r["ms_per_step"] for r in ok))
+    beta3s = {run.curve: run.beta3 for run in results if run.optimizer == "ademamix"}
+    for name, s in out.items():
+        if name in beta3s:
+            s["m2_early_share"] = early_share(LM_BETAS[0], beta3s[name], cfg["steps"])
     adamw = out.get("AdamW")
     for name, s in out.items():
         if adamw and name != "AdamW":
@@ -361,14 +379,14 @@ def rosenbrock_table(results, iters):
 
 def lm_table(summary, results, steps):
     cols = ["optimizer", "seeds", "final val loss", "per seed", "reaches AdamW's final",
-            "ms/step"]
+            f"m2 weight on steps 1-{steps // 10}", "ms/step"]
     body = []
     for name in dict.fromkeys(run.curve for run in results):
         failed = "; ".join(f"seed {run.seed}: {r['status']}" for run, r in results.items()
                            if run.curve == name and r["status"] != "ok")
         s = summary.get(name)
         if s is None:
-            body.append((0, [name, "0", "", failed, "", ""]))
+            body.append((0, [name, "0", "", failed, "", "", ""]))
             continue
         reach = s.get("reaches_adamw_final")
         reach = ("" if reach is None else f"not within {steps} steps" if reach["step"] is None
@@ -376,8 +394,9 @@ def lm_table(summary, results, steps):
         body.append((0, [name, str(s["seeds"]), f"{s['final_mean']:.4f} ± {s['final_std']:.4f}",
                          " ".join(f"{v:.4f}" for v in s["finals"]) + (f"; {failed}" if failed
                                                                        else ""),
-                         reach, f"{s['ms_per_step']:.1f}"]))
-    return text_table(cols, body, right={1, 5})
+                         reach, fmt(s.get("m2_early_share"), ".0%"),
+                         f"{s['ms_per_step']:.1f}"]))
+    return text_table(cols, body, right={1, 5, 6})
 
 
 def backends_table(summary, skipped):

@@ -65,6 +65,7 @@ def test_lm_trains_and_is_summarized(result):
     for s in summary.values():
         assert s["seeds"] == 2 and math.isfinite(s["final_mean"]) and s["final_std"] >= 0
         assert s["final_mean"] == pytest.approx(sum(s["finals"]) / 2)
+    assert 0 < summary["AdEMAMix beta3=0.9999"]["m2_early_share"] < 1
     reach = summary["AdEMAMix beta3=0.9999"]["reaches_adamw_final"]
     assert reach["target"] == summary["AdamW"]["final_mean"]
     assert reach["step"] in (None, 4, 8, 12)
@@ -91,3 +92,12 @@ def test_workers_do_not_change_the_numbers(result, tmp_path):
     assert status == 0
     assert [r["curve"] for r in again["rosenbrock"]] == [r["curve"] for r in result["rosenbrock"]]
     assert [r["evals"] for r in again["lm"]["runs"]] == [r["evals"] for r in result["lm"]["runs"]]
+
+
+def test_early_share_of_a_constant_beta3():
+    # beta3 = beta1 makes the warm-up a constant b: g_t weighs (1 - b) b^(T - t), so the first
+    # k of T steps hold (b^(T - k) - b^T) / (1 - b^T) of the weight (the schedule's +1e-8 moves
+    # b by 1e-8: 1e-6 relative on b^90).
+    b, steps = 0.9, 100
+    expected = (b ** 90 - b ** 100) / (1 - b ** 100)
+    assert convergence.early_share(b, b, steps) == pytest.approx(expected, rel=1e-5)
