@@ -190,8 +190,8 @@ def run_lm(cfg, run, report):
         eval_seconds += time.perf_counter() - t
         return loss
 
-    evals, train, pending = [(0, evaluate())], [], []
     t0 = time.perf_counter()
+    evals, train, pending = [(0, evaluate())], [], []
     for step in range(stop):
         lr = tinylm.lr_at(step, steps, cfg["lr"], cfg["warmup"], cfg["final_lr_fraction"])
         for g in opt.param_groups:

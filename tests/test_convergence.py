@@ -60,6 +60,7 @@ def test_lm_trains_and_is_summarized(result):
         assert all(math.isfinite(v) for v in vals) and len(r["train"]) == 12
         assert vals[0] == pytest.approx(START_LOSS, abs=0.1)
         assert vals[-1] < vals[0] - 0.1, r["label"]
+        assert r["ms_per_step"] > 0 and r["eval_seconds"] > 0
     summary = lm["summary"]
     assert list(summary) == ["AdamW", "AdEMAMix beta3=0.9999"]
     for s in summary.values():
