@@ -55,14 +55,14 @@ ROSENBROCK_BETA2 = 0.999
 ROSENBROCK_THRESHOLD = 1e-6  # "converged": the iteration at which the loss first falls below
 
 # The paper's language-model recipe: AdamW betas (0.9, 0.999), AdEMAMix adds beta3 = 0.9999 and
-# alpha = 8 with both warm-ups as long as the run; weight decay 0.1 on the matrices for both.
+# alpha = 8 with both warm-ups as long as the run; weight decay 0.1 (here on the matrices) for both.
 LM_BETAS = (0.9, 0.999)
 
 PRESETS = {
     # ~0.37M params, 2k tokens a step: the default run on a 2-core CPU machine.
     "small": dict(d_model=96, layers=3, heads=4, context=64, batch=32, steps=1000, eval_every=50,
                   val_windows=256, rosenbrock_iters=50_000),
-    # ~3.2M params, 8k tokens a step: for a GPU.
+    # ~3.3M params, 8k tokens a step: for a GPU.
     "large": dict(d_model=256, layers=4, heads=8, context=128, batch=64, steps=4000,
                   eval_every=100, val_windows=512, rosenbrock_iters=50_000),
 }
@@ -363,7 +363,8 @@ def summarize_backends(results, reference, lm_summary):
 # ---------------------------------------------------------------------------------------------
 
 def rosenbrock_table(results, iters):
-    cols = ["optimizer", "loss at 10 %", "at 50 %", "final", "best", f"first < {ROSENBROCK_THRESHOLD:g}"]
+    cols = ["optimizer", "loss at 10 %", "at 50 %", "final", "best",
+            f"first < {ROSENBROCK_THRESHOLD:g}"]
     body = []
     for run, r in results.items():
         if r["status"] != "ok":

@@ -22,7 +22,7 @@ def _git(*cmd):
 
 
 def pick_device(choice):
-    """The device for --device auto|cuda|cpu (auto: cuda when visible); None for cuda without one."""
+    """The device for --device auto|cuda|cpu (auto: cuda when visible); None: cuda, but none."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():

@@ -12,9 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` sits 
 from ademamix_cuda import backends  # noqa: E402
 from bench import convergence  # noqa: E402
 
-TINY = ["--device", "cpu", "--rosenbrock-iters", "2000", "--rosenbrock-lr", "0.01", "--steps", "12", "--eval-every", "4",
-        "--seeds", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32",
-        "--batch", "8", "--val-windows", "16", "--triton-steps", "4"]
+TINY = ["--device", "cpu", "--rosenbrock-iters", "2000", "--rosenbrock-lr", "0.01",
+        "--steps", "12", "--eval-every", "4", "--seeds", "2", "--d-model", "32", "--layers", "1",
+        "--heads", "2", "--context", "32", "--batch", "8", "--val-windows", "16",
+        "--triton-steps", "4"]
 # A byte-level model starts near the uniform guess, ln(256) nats.
 START_LOSS = math.log(256)
 # fp32 kernels agree with a float64 reference to 1e-5 relative per step (SPEC); over a dozen
