@@ -488,7 +488,7 @@ def plot(rosen, lm_summary, back, back_results, path, title):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench.convergence", description=__doc__.split("\n\n")[0],
+        prog="python -m bench.convergence", description=__doc__,
         epilog="Defaults come from --preset (small: the CPU default; large: for a GPU); any "
                "flag below overrides its preset value.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,13 +496,15 @@ def parse_args(argv=None):
                    help="where the LM trains; auto = cuda when a GPU is visible (Rosenbrock "
                         "always runs on the CPU)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
-    p.add_argument("--preset", choices=list(PRESETS), default="small")
+    p.add_argument("--preset", choices=list(PRESETS), default="small",
+                   help="small (default): ~0.37M params, 1000 steps, the CPU run; large: ~3.3M "
+                        "params, 4000 steps, for a GPU")
     for name, kind, what in (
             ("d-model", int, "LM width"), ("layers", int, "LM transformer blocks"),
             ("heads", int, "attention heads"), ("context", int, "bytes per training sequence"),
             ("batch", int, "sequences per step"), ("steps", int, "LM training steps"),
             ("eval-every", int, "steps between validation evaluations"),
-            ("val-windows", int, "validation sequences (evenly spaced over the held-out 10 %)"),
+            ("val-windows", int, "validation sequences (evenly spaced over the held-out 10 %%)"),
             ("rosenbrock-iters", int, "Rosenbrock iterations")):
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (preset)")
     p.add_argument("--seeds", type=int, default=3, help="LM seeds per optimizer (default: 3)")
@@ -528,8 +530,9 @@ def parse_args(argv=None):
                    help="backends of the backends part (default: all of cuda, triton, foreach, "
                         "single that can run here)")
     p.add_argument("--triton-steps", type=int, default=None,
-                   help="stop the Triton run after this many steps (default: the whole run on "
-                        "cuda; on a CPU, where Triton runs interpreted, --eval-every)")
+                   help="stop the Triton run after this many steps, a multiple of --eval-every "
+                        "(default: the whole run on cuda; on a CPU, where Triton runs "
+                        "interpreted, --eval-every)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes running runs side by side (default: 1 on cuda; on a CPU the "
                         "cores, at most 2), each with --threads torch threads")
@@ -547,6 +550,10 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.triton_steps is not None and (args.triton_steps < 1
+                                          or args.triton_steps % args.eval_every):
+        # Only there does the reference have a validation loss to compare with.
+        p.error("--triton-steps must be a positive multiple of --eval-every")
     for name in ("d_model", "layers", "heads", "context", "batch", "steps", "eval_every",
                  "val_windows", "rosenbrock_iters", "seeds"):
         if getattr(args, name) < 1:

@@ -103,3 +103,10 @@ def test_early_share_of_a_constant_beta3():
     b, steps = 0.9, 100
     expected = (b ** 90 - b ** 100) / (1 - b ** 100)
     assert convergence.early_share(b, b, steps) == pytest.approx(expected, rel=1e-5)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convergence.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--preset" in capsys.readouterr().out
