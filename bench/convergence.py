@@ -601,6 +601,11 @@ def main(argv=None):
 
     reference = reference_backend(device)
     wanted = args.backends.split(",") if args.backends else list(backends.BACKENDS)
+    unknown = [name for name in wanted if name not in backends.BACKENDS]
+    if unknown:
+        print(f"error: --backends: unknown {', '.join(unknown)}; choose from "
+              f"{', '.join(backends.BACKENDS)}", file=sys.stderr)
+        return 2
     skipped, backend_names = {}, [reference]  # the yardstick runs whatever --backends says
     for name in wanted:
         why = backends.why_not(name, device)
