@@ -62,13 +62,17 @@ def extensions():
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if os.environ.get("ADEMAMIX_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")  # the register/spill report
+    # at::parallel_for is an inline template that runs its threads through OpenMP pragmas: the
+    # CPU kernels need -fopenmp, or they run on one thread (libgomp is the one torch loaded).
+    openmp = ["-fopenmp"]
     ext = CUDAExtension(
         name="ademamix_cuda._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3"] + openmp,
             "nvcc": nvcc_flags,
         },
+        extra_link_args=openmp,
         py_limited_api=False,
     )
     exts = [ext]
@@ -79,7 +83,8 @@ def extensions():
             name="ademamix_cuda._cpu_avx2",
             sources=["csrc/avx2/ademamix_cpu_avx2.cpp"],
             extra_compile_args=["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
-                                "-DCPU_CAPABILITY_AVX2"],
+                                "-DCPU_CAPABILITY_AVX2"] + openmp,
+            extra_link_args=openmp,
             py_limited_api=False,
         ))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
