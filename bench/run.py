@@ -171,8 +171,9 @@ def parse_args(argv=None):
                         "after the device queue is drained (default: 10); on cpu a step() is "
                         "synchronous and the host time is the mean of the timed steps")
     p.add_argument("--copy-mib", type=int, default=None,
-                   help="size of the fp32 tensor whose copy_ measures the bandwidth (default: "
-                        "2048 on cuda, 256 on cpu)")
+                   help="MiB of each fp32 array of the bandwidth yardstick: a copy_ on cuda, "
+                        "the best of copy_ and in-place mul_/add_/addcmul_ on cpu (default: 2048 "
+                        "on cuda, 256 on cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads). Default on a cpu run: 1, "
                         "because on a busy machine threads that wait for each other at every op "
