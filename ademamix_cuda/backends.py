@@ -23,7 +23,17 @@ def _load_extension():
     # The op mutates its inputs and returns nothing: under FakeTensor/torch.compile it is a no-op.
     for name in ("ademamix::step_", "ademamix::step_.tensor_lr"):
         torch.library.register_fake(name)(lambda *args, **kwargs: None)
+    torch.library.register_fake("ademamix::grad_norm_partials")(_norm_partials_fake)
     return True, "ademamix_cuda._C loaded"
+
+
+CHUNK_SIZE = 16384  # elements per block of the op's kernels (csrc/ademamix.h kChunkSize)
+
+
+def _norm_partials_fake(grads, inf_norm):
+    # one partial per chunk; an empty tensor has one (empty) chunk
+    n = sum(max(1, -(-g.numel() // CHUNK_SIZE)) for g in grads)
+    return grads[0].new_empty((n,), dtype=torch.float32) if grads else torch.empty(0)
 
 
 def _load_cpu_kernel():
@@ -35,7 +45,7 @@ def _load_cpu_kernel():
         from . import _cpu_avx2
     except ImportError:  # not built (another architecture, or an older build)
         return "baseline"
-    torch.ops.ademamix._set_cpu_kernel(_cpu_avx2.kernel_address())
+    torch.ops.ademamix._set_cpu_kernel(*_cpu_avx2.kernel_addresses())
     return "avx2"
 
 

@@ -20,11 +20,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
+from .clip import check_norm_type, clip_scale, grad_norm
 from .dtensor import local_lists
 from .overlap import check_disjoint
 from .schedules import alpha_at, beta3_at, bias_corrections
 
-__all__ = ["ademamix", "check_hyperparameters"]
+__all__ = ["ademamix", "check_hyperparameters", "grad_norm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -103,14 +104,23 @@ def ademamix(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    max_grad_norm: float | None = None,
+    norm_type: float = 2.0,
+    total_norm: Tensor | None = None,
     backend: str = "auto",
-) -> None:
+) -> Tensor | None:
     """One AdEMAMix step, in place, for every (param, grad, states, step) of the lists.
 
     `state_steps` are 0-d float32 tensors counting the steps taken; each is incremented before it
     is used (the first step has t = 1), unless `found_inf` is nonzero, which skips the whole step.
     When beta1 == 0, `exp_avg_fasts` is None (or a list of None): no fast EMA exists.
     `grad_scale` divides every gradient (GradScaler's unscale, fused into the step).
+
+    `max_grad_norm` clips the gradients as torch.nn.utils.clip_grad_norm_ would, inside the step
+    (the grads in memory are left as they are): by the total `norm_type` norm of this call's grads
+    (taken in one read of them; see grad_norm), or by `total_norm` when given (e.g. grad_norm over
+    the grads of several calls). With a grad_scale, the norm is that of the unscaled grads.
+    Returns the total norm of the grads as they are in memory when clipping, else None.
     """
     check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
                           beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
@@ -130,8 +140,16 @@ def ademamix(
         raise ValueError(f"the tensor lists must have one entry per param ({n}); got lengths "
                          f"grads {lengths[0]}, exp_avg_fasts {lengths[1]}, exp_avg_slows {lengths[2]}, "
                          f"exp_avg_sqs {lengths[3]}, state_steps {lengths[4]}")
+    if max_grad_norm is not None and not max_grad_norm > 0.0:
+        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    norm_type = check_norm_type(norm_type)
     if n == 0:
-        return
+        return None
+    norm = None
+    if max_grad_norm is not None:
+        norm = total_norm if total_norm is not None else grad_norm(grads, norm_type,
+                                                                   backend=backend)
+        grad_scale = clip_scale(norm, float(max_grad_norm), grad_scale)
     params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs = local_lists(
         params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs)
     if backend not in ("auto",) + backends.BACKENDS:
@@ -156,6 +174,7 @@ def ademamix(
         beta2=beta2, beta3=beta3, alpha=alpha, beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup,
         eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
         found_inf=found_inf)
+    return norm
 
 
 def run(name, lists, *, one_dtype, stepper=None, **hyper):

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, functional
+from .clip import check_norm_type, clip_scale
 from .dtensor import check_grad, describe, is_dtensor, local, same_layout, zeros_state
 from .overlap import check_disjoint
 
@@ -48,6 +49,11 @@ class AdEMAMix(Optimizer):
     those of the authors' PyTorch class, and so are the numbers. `t_alpha` / `t_beta3` are
     accepted as aliases of `alpha_warmup` / `beta3_warmup`.
 
+    Gradient clipping by the global norm, fused into the step (the grads in memory are left as
+    they are; torch.nn.utils.clip_grad_norm_ scales them in place): call clip_grad_norm_(max_norm)
+    before step(), or set max_grad_norm to clip at every step; last_grad_norm holds the norm the
+    last clipping step used (a tensor, of the grads as they were in memory).
+
     backend: "auto" (the CUDA kernel for cuda tensors when the extension is built, else the
     Triton kernel, else foreach; foreach for other devices), "cuda", "triton", "foreach" or
     "single". An explicit backend that cannot run raises an error naming what is missing.
@@ -57,12 +63,18 @@ class AdEMAMix(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
                  alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False, backend="auto",
-                 t_alpha=None, t_beta3=None):
+                 max_grad_norm=None, norm_type=2.0, t_alpha=None, t_beta3=None):
         alpha_warmup = _alias("alpha_warmup", alpha_warmup, "t_alpha", t_alpha)
         beta3_warmup = _alias("beta3_warmup", beta3_warmup, "t_beta3", t_beta3)
         defaults = dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, backend=backend)
+        if max_grad_norm is not None and not max_grad_norm > 0.0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self.norm_type = check_norm_type(norm_type)
+        self.last_grad_norm: Tensor | None = None
+        self._clip = None  # (max_norm, norm) armed by clip_grad_norm_ for the next step()
         self._plans: dict[int, _Plan] = {}
         self.backend_used: str | None = None
         super().__init__(params, defaults)
@@ -93,6 +105,12 @@ class AdEMAMix(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clip, self._clip = self._clip, None
+        if clip is None and self.max_grad_norm is not None:
+            clip = (self.max_grad_norm, self._grad_norm(self.norm_type))
+        if clip is not None:
+            self.last_grad_norm = clip[1]
+            grad_scale = clip_scale(clip[1], clip[0], grad_scale)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
             plan = self._plan(index, group, grads)
@@ -103,10 +121,13 @@ class AdEMAMix(Optimizer):
             if plan.dtensors is not None:
                 plan, grads = self._local_grads(index, group, plan, grads)
             beta1, beta2, beta3 = group["betas"]
+            scale = grad_scale
+            if clip is not None and scale.device != plan.params[0].device:
+                scale = scale.to(plan.params[0].device)  # a group on another device
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
                          beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
                          eps=group["eps"], weight_decay=group["weight_decay"],
-                         maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+                         maximize=group["maximize"], grad_scale=scale, found_inf=found_inf)
             functional.check_hyperparameters(**{k: hyper[k] for k in _HYPER_KEYS})
             lists = [plan.params, grads, plan.exp_avg_fasts, plan.exp_avg_slows, plan.exp_avg_sqs,
                      plan.state_steps]
@@ -116,6 +137,33 @@ class AdEMAMix(Optimizer):
                            **hyper)
             self.backend_used = plan.backend
         return loss
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
+        """Clips the grads of the next step() by their total norm, as
+        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type) would, and returns that norm
+        (a 0-d tensor, no host sync unless error_if_nonfinite). The clipping happens inside
+        step(): the grads in memory are not changed. The norm is taken over every param of every
+        group that has a grad, in one read of the grads (cuda and triton backends, norm_type 2
+        or inf); DTensor grads give the norm of the whole gradient. With a GradScaler that did
+        not unscale_ first, the norm returned is that of the scaled grads, and step() clips
+        the unscaled ones by the unscaled norm."""
+        if not max_norm > 0.0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}")
+        norm = self._grad_norm(check_norm_type(norm_type))
+        if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        self._clip = (float(max_norm), norm)
+        return norm
+
+    def _grad_norm(self, norm_type):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        settings = {g["backend"] for g in self.param_groups}
+        backend = settings.pop() if len(settings) == 1 else "auto"
+        return functional.grad_norm(grads, norm_type, backend=backend)
 
     def _local_grads(self, index, group, plan, grads):
         """The local shards of a DTensor group's grads, checked against their params. The plan is

@@ -1,6 +1,8 @@
 """The implementations the step benchmark times: ours (one per backend) and the peers."""
 import dataclasses
 
+import torch
+
 from bench import peers
 
 
@@ -16,13 +18,30 @@ class Impl:
     default_on_cpu: bool = True
     default_on_cuda: bool = True
     ours: bool = False
+    grad_passes: int = 0  # passes over the grads besides the step's own read (clipping)
 
 
-def _ours(backend):
+def _ours(backend, **options):
     def make(params, device):
         import ademamix_cuda
 
-        return ademamix_cuda.AdEMAMix(params, backend=backend, **peers.HYPERPARAMETERS)
+        return ademamix_cuda.AdEMAMix(params, backend=backend, **peers.HYPERPARAMETERS, **options)
+
+    return make
+
+
+def _ours_after_torch_clip(backend):
+    """Ours, after torch.nn.utils.clip_grad_norm_ at every step (the unfused way to clip)."""
+    def make(params, device):
+        opt = _ours(backend)(params, device)
+        step = opt.step
+
+        def clipped_step(closure=None):
+            torch.nn.utils.clip_grad_norm_(params, peers.MAX_GRAD_NORM)
+            return step(closure)
+
+        opt.step = clipped_step
+        return opt
 
     return make
 
@@ -36,6 +55,15 @@ IMPLS = [
          cuda_only=True),
     Impl("triton-graph", "ours triton, CUDA graph", _ours("triton"), ours=True, graph=True,
          cuda_only=True),
+    Impl("cuda-clip", "ours cuda, clipping fused", _ours("cuda", max_grad_norm=peers.MAX_GRAD_NORM),
+         ours=True, grad_passes=1),
+    Impl("cuda+torch-clip", "ours cuda after torch clip_grad_norm_",
+         _ours_after_torch_clip("cuda"), ours=True, grad_passes=3),
+    Impl("triton-clip", "ours triton, clipping fused",
+         _ours("triton", max_grad_norm=peers.MAX_GRAD_NORM), ours=True, cuda_only=True,
+         grad_passes=1),
+    Impl("triton+torch-clip", "ours triton after torch clip_grad_norm_",
+         _ours_after_torch_clip("triton"), ours=True, cuda_only=True, grad_passes=3),
     Impl("authors", "authors' style (for-loop)", peers.authors_style),
     Impl("foreach-peer", "torch._foreach AdEMAMix", peers.foreach_ademamix),
     Impl("compile", "torch.compile(foreach AdEMAMix)", peers.compiled_foreach_ademamix,
@@ -56,8 +84,8 @@ _PEER_MODULES = {"bnb32": "bitsandbytes", "bnb8": "bitsandbytes", "apex": "apex.
 
 
 def label_of(impl, device):
-    if impl.key == "cuda" and device.type == "cpu":
-        return "ours cuda ext (CPU kernel)"
+    if impl.key.startswith("cuda") and device.type == "cpu":
+        return impl.label.replace("ours cuda", "ours cuda ext (CPU kernel)")
     return impl.label
 
 
@@ -70,7 +98,7 @@ def why_not_run(impl, device, args):
         reason = peers.importable(module)
         if reason:
             return reason
-    if impl.key == "triton" and device.type != "cuda":
+    if impl.key.startswith("triton") and device.type != "cuda":
         return "not available: CUDA only (the Triton interpreter is not a benchmark)"
     if impl.cuda_only and device.type != "cuda":
         return "not available: CUDA only"
@@ -79,7 +107,7 @@ def why_not_run(impl, device, args):
             from ademamix_cuda import backends
         except Exception as e:  # the package itself does not import: every row says so
             return f"not available: ademamix_cuda does not import ({type(e).__name__}: {e})"
-        ok, reason = backends.available(device)[impl.key.removesuffix("-graph")]
+        ok, reason = backends.available(device)[impl.key.split("-")[0].split("+")[0]]
         if not ok:
             return f"not available: {reason}"
     return None

@@ -23,6 +23,7 @@ EPS = 1e-8
 # Non-zero, so no implementation gets to skip the decay term.
 WEIGHT_DECAY = 0.01
 HYPERPARAMETERS = dict(lr=LR, betas=BETAS3, alpha=ALPHA, eps=EPS, weight_decay=WEIGHT_DECAY)
+MAX_GRAD_NORM = 1.0  # the clipping rows: the usual value in LLM training
 
 
 class Unavailable(Exception):

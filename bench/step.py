@@ -23,11 +23,13 @@ def make_params(shapes, dtype, device, seed):
     return params
 
 
-def step_bytes(opt, params):
+def step_bytes(opt, params, grad_passes=0):
     """Bytes one step must move, from the storage the implementation actually keeps.
 
-    Per element: p read + written, g read, every state buffer read + written. Buffers smaller than
-    p (step counters, quantization scales) are left out. Returns (bytes, formula).
+    Per element: p read + written, g read, every state buffer read + written, and `grad_passes`
+    more passes over the grads (gradient clipping: 1 for the fused norm, 3 for torch's
+    clip_grad_norm_, which reads them for the norm, then reads and writes them to scale). Buffers
+    smaller than p (step counters, quantization scales) are left out. Returns (bytes, formula).
     """
     total = 0
     per_elem = set()
@@ -36,7 +38,7 @@ def step_bytes(opt, params):
                        for v in opt.state[p].values()
                        if torch.is_tensor(v) and v.dim() > 0 and v.numel() >= p.numel()]
         pb, gb = p.element_size(), p.grad.element_size()
-        total += p.numel() * (2 * pb + gb + 2 * sum(state_bytes))
+        total += p.numel() * (2 * pb + gb + 2 * sum(state_bytes) + grad_passes * gb)
         per_elem.add((pb, gb, tuple(sorted(state_bytes, reverse=True))))
     n = sum(p.numel() for p in params)
     if len(per_elem) == 1:
@@ -45,7 +47,8 @@ def step_bytes(opt, params):
             st = f"{len(states)}x2x{states[0]} states" if states else "no states"
         else:
             st = "2x(" + "+".join(map(str, states)) + ") states"
-        formula = f"2x{pb} p + {gb} g + {st} = {total // n} B/el"
+        clip = f" + clip {grad_passes}x{gb} g" if grad_passes else ""
+        formula = f"2x{pb} p + {gb} g + {st}{clip} = {total // n} B/el"
     else:
         formula = f"mixed state storage: avg {total / n:.2f} B/el"
     return total, formula
@@ -89,7 +92,7 @@ def _measure(impl, shapes, dtype, device, args):
         if i == 0:
             compile_s = getattr(opt, "compile_seconds", None)
     sync(device)
-    nbytes, formula = step_bytes(opt, params)
+    nbytes, formula = step_bytes(opt, params, impl.grad_passes)
 
     extra_mib = None
     if device.type == "cuda":

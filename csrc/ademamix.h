@@ -34,6 +34,7 @@ constexpr int kBlockSize = 256;
 constexpr int kVecElems = 4;  // elements per vector access: 16 B of fp32 state, 8 B of bf16/fp16
 constexpr int kUnroll = 2;    // vector groups per thread whose loads are in flight together
 constexpr int kScalarUnroll = 4;  // the same for the scalar path (misaligned views, chunk tails)
+constexpr int kNormUnroll = 4;    // vector groups per thread in flight in the gradient norm
 
 // Per-tensor record of the plan (64 B: one cache line per tensor).
 struct TensorRecord {
@@ -155,23 +156,31 @@ void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool
   });
 }
 
-// Calls f(Variant<...>{}) for the param dtype and flags of launch `a`. Float, BFloat16 and Half
-// are the storage types of the compiler at hand (CUDA's or the host's).
+// Calls f(T{}) with T the storage type of param dtype `dtype`: Float, BFloat16 or Half, the
+// types of the compiler at hand (CUDA's or the host's).
+template <typename Float, typename BFloat16, typename Half, typename F>
+void dispatch_dtype(ParamDtype dtype, F&& f) {
+  switch (dtype) {
+    case ParamDtype::kFloat32:
+      f(Float{});
+      break;
+    case ParamDtype::kBFloat16:
+      f(BFloat16{});
+      break;
+    case ParamDtype::kFloat16:
+      f(Half{});
+      break;
+  }
+}
+
+// Calls f(Variant<...>{}) for the param dtype and flags of launch `a`.
 template <typename Float, typename BFloat16, typename Half, typename F>
 void dispatch_launch(const LaunchArgs& a, F&& f) {
   const ScalarPtrs& d = a.scalars;
   const bool gs = d.grad_scale != nullptr, fi = d.found_inf != nullptr, lr = d.lr != nullptr;
-  switch (a.dtype) {
-    case ParamDtype::kFloat32:
-      dispatch_variant<Float>(a.has_m1, gs, fi, lr, f);
-      break;
-    case ParamDtype::kBFloat16:
-      dispatch_variant<BFloat16>(a.has_m1, gs, fi, lr, f);
-      break;
-    case ParamDtype::kFloat16:
-      dispatch_variant<Half>(a.has_m1, gs, fi, lr, f);
-      break;
-  }
+  dispatch_dtype<Float, BFloat16, Half>(a.dtype, [&](auto param) {
+    dispatch_variant<decltype(param)>(a.has_m1, gs, fi, lr, f);
+  });
 }
 
 // found_inf nonzero (NaN included) skips the whole step, step counts included.
@@ -378,6 +387,65 @@ ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int 
   }
   // Misaligned views (odd storage offsets) and the last len % kVecElems elements.
   update_strided<V, 1, kScalarUnroll>(c, scalar_from + tid, len, h, scalars);
+}
+
+// The gradient norm's per-chunk partials: the sum of squares (2-norm) or the largest magnitude
+// (inf-norm, NaN kept: fmaxf would drop it, and torch's norm returns NaN). Accumulated in fp32.
+template <bool Inf>
+ADEMAMIX_HD float norm_combine(float acc, float v) {
+  if constexpr (Inf) {
+    return (v > acc || v != v) ? v : acc;  // a NaN acc stays: no comparison with it is true
+  } else {
+    return acc + v;
+  }
+}
+
+template <bool Inf>
+ADEMAMIX_HD float norm_term(float x) {
+  if constexpr (Inf) {
+    return fabsf(x);
+  } else {
+    return x * x;
+  }
+}
+
+// Thread `tid`'s partial of one chunk of grads (the same walk as update_chunk_share: vector
+// groups where the tensor is aligned, then single elements).
+template <typename T, bool Inf>
+ADEMAMIX_HD float norm_chunk_share(const TensorRecord& rec, int64_t chunk, int len, int tid) {
+  const T* const g = assume_global(static_cast<const T*>(rec.ptr[kGradIdx]) + chunk * kChunkSize);
+  float acc = 0.0f;
+  int from = 0;
+  if (rec.vector_ok) {
+    // kNormUnroll groups' loads in flight together: the norm only reads.
+    using PackT = Packed<T, kVecElems>;
+    const int n_groups = len / kVecElems;
+    int group = tid;
+    for (; group < n_groups; group += kNormUnroll * kBlockSize) {
+      PackT v[kNormUnroll];
+      ADEMAMIX_UNROLL
+      for (int u = 0; u < kNormUnroll; ++u) {
+        const int at = group + u * kBlockSize;
+        if (at < n_groups) {
+          v[u] = *reinterpret_cast<const PackT*>(g + at * kVecElems);
+        }
+      }
+      ADEMAMIX_UNROLL
+      for (int u = 0; u < kNormUnroll; ++u) {
+        if (group + u * kBlockSize < n_groups) {
+          ADEMAMIX_UNROLL
+          for (int i = 0; i < kVecElems; ++i) {
+            acc = norm_combine<Inf>(acc, norm_term<Inf>(Cast<T>::to_float(v[u].v[i])));
+          }
+        }
+      }
+    }
+    from = n_groups * kVecElems;
+  }
+  for (int i = from + tid; i < len; i += kBlockSize) {
+    acc = norm_combine<Inf>(acc, norm_term<Inf>(Cast<T>::to_float(g[i])));
+  }
+  return acc;
 }
 
 // Counts this block as done with its tensor's step count: true for the last block of the tensor

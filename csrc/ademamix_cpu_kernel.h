@@ -125,5 +125,61 @@ inline void run_cpu_launch(const LaunchArgs& a) {
       a, [&](auto variant) { step_chunks<decltype(variant)>(a); });
 }
 
+// One chunk's partial of the gradient norm (see norm_combine): vector lanes, then the lanes
+// and the tail in order.
+template <typename T, bool Inf>
+float norm_chunk(const TensorRecord& rec, int64_t chunk) {
+  using G = Group<T>;
+  constexpr int kWidth = G::kVecs * FVec::size();
+  const int len = chunk_length(rec.numel, chunk);
+  const T* const g = static_cast<const T*>(rec.ptr[kGradIdx]) + chunk * kChunkSize;
+  // kAcc independent accumulators: one would wait on its own add at every vector.
+  constexpr int kAcc = 4;
+  FVec acc[kAcc];
+  for (int a = 0; a < kAcc; ++a) {
+    acc[a] = FVec(0.0f);
+  }
+  int i = 0;
+  for (int a = 0; i + kWidth <= len; i += kWidth, a = (a + 1) % kAcc) {
+    FVec v[G::kVecs];
+    G::load(g + i, v);
+    for (int k = 0; k < G::kVecs; ++k) {
+      if constexpr (Inf) {
+        acc[a] = at::vec::maximum(acc[a], v[k].abs());  // keeps NaN
+      } else {
+        acc[a] = acc[a] + v[k] * v[k];
+      }
+    }
+  }
+  float out = 0.0f;
+  for (int a = 0; a < kAcc; ++a) {
+    float lanes[FVec::size()];
+    acc[a].store(lanes);
+    for (int lane = 0; lane < FVec::size(); ++lane) {
+      out = norm_combine<Inf>(out, lanes[lane]);
+    }
+  }
+  for (; i < len; ++i) {
+    out = norm_combine<Inf>(out, norm_term<Inf>(Cast<T>::to_float(g[i])));
+  }
+  return out;
+}
+
+// The gradient norm's partials of the norm plan launch `a` into `partials`, one per chunk; the
+// same bits whatever the number of threads.
+inline void run_cpu_norm(const LaunchArgs& a, bool inf_norm, float* partials) {
+  dispatch_dtype<float, c10::BFloat16, c10::Half>(a.dtype, [&](auto param) {
+    with_bool(inf_norm, [&](auto inf) {
+      at::parallel_for(0, a.n_chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const ChunkRecord chunk = a.plan.chunks[c];
+          partials[c] = norm_chunk<decltype(param), decltype(inf)::value>(
+              a.plan.tensors[chunk.tensor], chunk.chunk);
+        }
+      });
+    });
+  });
+}
+
 }  // namespace ADEMAMIX_CPU_ISA
 }  // namespace ademamix

@@ -148,6 +148,24 @@ void step_cuda(const StepArgs& a) {
   launch_ademamix_step(launch_args(a, key, plan), stream.stream());
 }
 
+// ademamix::grad_norm_partials: one partial of the gradient norm per chunk of the grads.
+at::Tensor norm_partials_cuda(at::TensorList grads, bool inf_norm) {
+  thread_local PlanKey key;
+  TORCH_CHECK(check_norm_args(grads, c10::DeviceType::CUDA, key),
+              "ademamix::grad_norm_partials: no grads");
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = stream_is_capturing(stream.stream());
+  const PlanView plan = plan_cache().get(
+      key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
+      [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
+  at::Tensor partials = new_partials(plan, device);
+  launch_norm_partials(norm_launch_args(grads, plan), inf_norm, partials.data_ptr<float>(),
+                       stream.stream());
+  return partials;
+}
+
 // For the Triton backend's tables built during a capture: `host` (a CPU tensor) copied into a
 // GraphUpload on the current stream of `device`. The caller keeps `host` and uploads it itself
 // before an eager use.
@@ -173,6 +191,7 @@ TORCH_LIBRARY_FRAGMENT(ademamix, m) {
 TORCH_LIBRARY_IMPL(ademamix, CUDA, m) {
   m.impl("step_", TORCH_FN((step_op<step_cuda, double>)));
   m.impl("step_.tensor_lr", TORCH_FN((step_op<step_cuda, const at::Tensor&>)));
+  m.impl("grad_norm_partials", TORCH_FN(norm_partials_cuda));
 }
 
 }  // namespace ademamix

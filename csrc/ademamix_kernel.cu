@@ -53,7 +53,50 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   step_block<V>(plan, blockIdx.x, h, d, block);
 }
 
+// One block per chunk of a norm plan: the chunk's partial of the gradient norm (see
+// norm_combine), reduced over the block in a fixed order (the same bits at every run).
+template <typename T, bool Inf>
+__global__ void __launch_bounds__(kBlockSize)
+    norm_partials_kernel(LaunchPlan plan, float* __restrict__ partials) {
+  constexpr int kWarps = kBlockSize / 32;
+  const ChunkRecord chunk = plan.chunks[blockIdx.x];
+  const TensorRecord rec = plan.tensors[chunk.tensor];
+  const int len = chunk_length(rec.numel, chunk.chunk);
+  float acc = norm_chunk_share<T, Inf>(rec, chunk.chunk, len, threadIdx.x);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  ADEMAMIX_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) {
+    acc = norm_combine<Inf>(acc, __shfl_down_sync(0xffffffffu, acc, offset));
+  }
+  __shared__ float warp_acc[kWarps];
+  if (lane == 0) {
+    warp_acc[warp] = acc;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc = lane < kWarps ? warp_acc[lane] : 0.0f;  // 0 is neutral for both partials
+    ADEMAMIX_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) {
+      acc = norm_combine<Inf>(acc, __shfl_down_sync(0xffffffffu, acc, offset));
+    }
+    if (lane == 0) {
+      partials[blockIdx.x] = acc;
+    }
+  }
+}
+
 }  // namespace
+
+void launch_norm_partials(const LaunchArgs& args, bool inf_norm, float* partials,
+                          cudaStream_t stream) {
+  dispatch_dtype<float, __nv_bfloat16, __half>(args.dtype, [&](auto param) {
+    with_bool(inf_norm, [&](auto inf) {
+      norm_partials_kernel<decltype(param), decltype(inf)::value>
+          <<<static_cast<unsigned>(args.n_chunks), kBlockSize, 0, stream>>>(args.plan, partials);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
 
 void launch_ademamix_step(const LaunchArgs& args, cudaStream_t stream) {
   dispatch_launch<float, __nv_bfloat16, __half>(args, [&](auto v) {

@@ -11,4 +11,9 @@ namespace ademamix {
 // Enqueues the whole step (all tensors, step counts included) as one kernel on `stream`.
 void launch_ademamix_step(const LaunchArgs& args, cudaStream_t stream);
 
+// Enqueues the gradient norm's partials of a norm plan (args: dtype, plan, n_chunks), one per
+// chunk into `partials`, as one kernel on `stream`.
+void launch_norm_partials(const LaunchArgs& args, bool inf_norm, float* partials,
+                          cudaStream_t stream);
+
 }  // namespace ademamix

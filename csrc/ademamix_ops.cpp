@@ -109,6 +109,7 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   key.words.reserve(PlanKey::kHeaderWords + n * PlanKey::kWordsPerTensor);
   key.words.push_back(static_cast<uintptr_t>(device.index()));
   key.words.push_back(static_cast<uintptr_t>(params[0].element_size()));
+  key.words.push_back(PlanKey::kStepPlan);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_on_device(p, "params", i, device);
@@ -151,6 +152,40 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   return true;
 }
 
+bool check_norm_args(at::TensorList grads, c10::DeviceType device_type, PlanKey& key) {
+  constexpr const char* kNormOp = "ademamix::grad_norm_partials: ";
+  if (grads.empty()) {
+    return false;
+  }
+  TORCH_CHECK(grads[0].defined(), kNormOp, "grads[0] is undefined");
+  const at::Device device = grads[0].device();
+  TORCH_CHECK(device.type() == device_type, kNormOp, "the ", device_type,
+              " kernel was selected but grads are on ", device);
+  const at::ScalarType dtype = grads[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kNormOp,
+              "grads must be float32, bfloat16 or float16, got ", dtype);
+  key.words.clear();
+  key.words.reserve(PlanKey::kHeaderWords + grads.size() * PlanKey::kWordsPerTensor);
+  key.words.push_back(static_cast<uintptr_t>(device.index()));
+  key.words.push_back(static_cast<uintptr_t>(grads[0].element_size()));
+  key.words.push_back(PlanKey::kNormPlan);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    check_on_device(g, "grads", i, device);
+    TORCH_CHECK(g.scalar_type() == dtype, kNormOp, "all grads of one call must share a dtype: "
+                "grads[", i, "] is ", g.scalar_type(), " but grads[0] is ", dtype);
+    check_layout(g, "grads", i, g, g.is_contiguous());
+    key.words.push_back(0);
+    key.words.push_back(reinterpret_cast<uintptr_t>(g.const_data_ptr()));
+    for (int k = kExpAvgFastIdx; k < kNumLists; ++k) {
+      key.words.push_back(0);
+    }
+    key.words.push_back(0);  // no step count
+    key.words.push_back(static_cast<uintptr_t>(g.numel()));
+  }
+  return true;
+}
+
 HyperParams make_hyper_params(const StepArgs& a) {
   // Differences and logarithms in double, each rounded once to float (see HyperParams).
   const auto f = [](double b) { return std::log(0.5) / std::log(b + 1e-8) - 1.0; };
@@ -185,21 +220,22 @@ ScalarPtrs make_scalar_ptrs(const StepArgs& a) {
   return ScalarPtrs{ptr(a.lr_tensor), ptr(a.grad_scale), ptr(a.found_inf)};
 }
 
+ParamDtype param_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ParamDtype::kFloat32;
+    case at::kBFloat16:
+      return ParamDtype::kBFloat16;
+    case at::kHalf:
+      return ParamDtype::kFloat16;
+    default:
+      TORCH_CHECK(false, kOp, "unsupported param dtype ", t);
+  }
+}
+
 LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& view) {
   LaunchArgs la;
-  switch (a.lists[kParamIdx][0].scalar_type()) {
-    case at::kFloat:
-      la.dtype = ParamDtype::kFloat32;
-      break;
-    case at::kBFloat16:
-      la.dtype = ParamDtype::kBFloat16;
-      break;
-    case at::kHalf:
-      la.dtype = ParamDtype::kFloat16;
-      break;
-    default:
-      TORCH_CHECK(false, kOp, "unsupported param dtype");
-  }
+  la.dtype = param_dtype(a.lists[kParamIdx][0].scalar_type());
   la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
   la.plan = view.launch_plan();
   la.n_chunks = view.n_chunks;
@@ -247,7 +283,9 @@ void check_disjoint(const PlanKey& key) {
         regions.push_back(Region{w[k], w[k] + bytes, k, i});
       }
     }
-    regions.push_back(Region{w[kNumLists], w[kNumLists] + sizeof(float), kNumLists, i});
+    if (w[kNumLists] != 0) {  // a norm plan has no step counts
+      regions.push_back(Region{w[kNumLists], w[kNumLists] + sizeof(float), kNumLists, i});
+    }
   }
   std::sort(regions.begin(), regions.end(),
             [](const Region& a, const Region& b) { return a.begin < b.begin; });
@@ -387,6 +425,18 @@ std::vector<int64_t> shuffled_blocks(int64_t n) {
 
 }  // namespace
 
+LaunchArgs norm_launch_args(at::TensorList grads, const PlanView& view) {
+  LaunchArgs la{};
+  la.dtype = param_dtype(grads[0].scalar_type());
+  la.plan = view.launch_plan();
+  la.n_chunks = view.n_chunks;
+  return la;
+}
+
+at::Tensor new_partials(const PlanView& view, const at::Device& device) {
+  return at::empty({view.n_chunks}, at::TensorOptions().dtype(at::kFloat).device(device));
+}
+
 PlanView cpu_plan(const PlanKey& key) {
   static auto* cache = new PlanCache<CpuPlan>();  // leaked, like the CUDA one
   return cache->get(
@@ -419,6 +469,16 @@ void step_no_backend(const StepArgs& a) {
               " (CPU and CUDA have one)");
 }
 
+// An empty list (no tensor to dispatch on: no partials), or grads on a device without a kernel.
+at::Tensor norm_partials_no_backend(at::TensorList grads, bool /*inf_norm*/) {
+  const c10::DeviceType type = grads.empty() || !grads[0].defined() ? c10::DeviceType::CPU
+                                                                      : grads[0].device().type();
+  PlanKey key;
+  TORCH_CHECK(!check_norm_args(grads, type, key), "ademamix::grad_norm_partials: no kernel for "
+              "grads on ", grads[0].device(), " (CPU and CUDA have one)");
+  return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ademamix, m) {
@@ -434,6 +494,9 @@ TORCH_LIBRARY(ademamix, m) {
       "Tensor lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // One fp32 partial per chunk of the grads: sums of squares (the 2-norm) or largest magnitudes
+  // (inf_norm). The grads are only read.
+  m.def("grad_norm_partials(Tensor[] grads, bool inf_norm) -> Tensor");
 }
 
 // No derivative. Unlike torch's default fallback for custom ops, this one refuses an in-place
@@ -446,6 +509,7 @@ TORCH_LIBRARY_IMPL(ademamix, Autograd, m) {
 TORCH_LIBRARY_IMPL(ademamix, CompositeExplicitAutograd, m) {
   m.impl("step_", TORCH_FN((step_op<step_no_backend, double>)));
   m.impl("step_.tensor_lr", TORCH_FN((step_op<step_no_backend, const at::Tensor&>)));
+  m.impl("grad_norm_partials", TORCH_FN(norm_partials_no_backend));
 }
 
 }  // namespace ademamix

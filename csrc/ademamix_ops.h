@@ -31,10 +31,12 @@ struct StepArgs {
 };
 
 // What a plan is made of, gathered while the arguments are checked (one pass over the
-// tensors): the device and the param element size, then per tensor its five data pointers (0 for
-// an absent m1), its step pointer and numel. The plan caches compare keys in full.
+// tensors): the device, the param element size and the plan's kind, then per tensor its five
+// data pointers (0 for an absent m1), its step pointer and numel. The plan caches compare keys
+// in full. A norm plan (kind kNormPlan) holds only grads: the other pointers are 0.
 struct PlanKey {
-  static constexpr size_t kHeaderWords = 2;
+  static constexpr uintptr_t kStepPlan = 0, kNormPlan = 1;
+  static constexpr size_t kHeaderWords = 3;
   static constexpr size_t kWordsPerTensor = kNumLists + 2;
   std::vector<uintptr_t> words;
   size_t n_tensors() const { return (words.size() - kHeaderWords) / kWordsPerTensor; }
@@ -50,6 +52,10 @@ struct PlanKey {
 // In the same pass it bumps the version counters of the tensors the step mutates, as torch's
 // in-place ops do: with no Tensor returned, no autograd fallback would do it for this op.
 bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& key);
+
+// The same for ademamix::grad_norm_partials: `grads` on one device of device_type, one dtype
+// (fp32, bf16 or fp16), dense. Fills a norm plan's key; false when there are no grads.
+bool check_norm_args(at::TensorList grads, c10::DeviceType device_type, PlanKey& key);
 
 HyperParams make_hyper_params(const StepArgs& a);
 ScalarPtrs make_scalar_ptrs(const StepArgs& a);
@@ -136,6 +142,14 @@ LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& vi
 
 // The plan of `key` for CPU tensors, from a cache shared by the CPU kernels.
 PlanView cpu_plan(const PlanKey& key);
+
+ParamDtype param_dtype(at::ScalarType t);
+
+// A launch of the norm plan `view` of `grads` (dtype, plan and chunk count).
+LaunchArgs norm_launch_args(at::TensorList grads, const PlanView& view);
+
+// A fp32 tensor of one partial per chunk of the norm plan `view`, on `device`, to be filled.
+at::Tensor new_partials(const PlanView& view, const at::Device& device);
 
 // The CPU kernel that stands in for the GPU in tests: the CUDA kernel's block function on host
 // threads, blocks in a new shuffled order each launch.

@@ -342,6 +342,37 @@ def fsdp2_parity(r, backend):
     check_against_single_process(r, model, opt, backend, f"FSDP2 on {r.world} ranks vs one process")
 
 
+MAX_NORM = 1.0  # clip_parity: below every step's gradient norm of this loss, so every step clips
+
+
+def clip_parity(r, backend):
+    """FSDP2 (HSDP on a 2 x 2 mesh at 4 ranks, whose replicas must not be counted twice) with
+    opt.clip_grad_norm_ before every step: the norms it returns and the training match one
+    process that clips with torch.nn.utils.clip_grad_norm_."""
+    mesh = r.mesh((2, r.world // 2), ("replicate", "shard")) if r.world == 4 else r.mesh()
+    model = fsdp2(new_model(r.device), mesh)
+    opt = make_optimizer(model, backend)
+    norms = []
+    train_ranks(r, model, opt, STEPS,
+                after_backward=lambda: norms.append(full(opt.clip_grad_norm_(MAX_NORM))))
+    raise_on_any_rank(layout_problems(model, opt, backend, STEPS))
+    got = gather(model, opt)
+    if r.rank != 0:
+        return
+    single = new_model(r.device)
+    single_opt = make_optimizer(single, backend)
+    want = []
+    train(single, single_opt, STEPS, rank=0, world=1, device=r.device, after_backward=lambda: want.append(
+        full(torch.nn.utils.clip_grad_norm_(single.parameters(), MAX_NORM))))
+    problems = mismatches(got, gather(single, single_opt), FP32_RTOL,
+                          f"clipped FSDP2 on {r.world} ranks vs torch's clipping in one process")
+    problems += [f"step {k}: norm {float(a)} vs torch's {float(b)}"
+                 for k, (a, b) in enumerate(zip(norms, want)) if rel_err(a, b) > FP32_RTOL]
+    problems += [f"step {k}: norm {float(b)} <= max_norm: the scenario must clip"
+                 for k, b in enumerate(want) if not float(b) > MAX_NORM]
+    assert_no_problems(problems)
+
+
 def hsdp_parity(r, backend):
     # HSDP: params Replicate() over "replicate" and Shard(0) over "shard"; FSDP2 reduce-scatters
     # within a replica and all-reduces across replicas, so all 4 ranks are data parallel.
@@ -692,7 +723,7 @@ def bad_state_mesh(r, backend):
 
 
 SCENARIOS = {f.__name__: f for f in (
-    fsdp2_parity, hsdp_parity, two_meshes, plain_and_dtensor, ddp_parity, mixed_precision,
+    fsdp2_parity, clip_parity, hsdp_parity, two_meshes, plain_and_dtensor, ddp_parity, mixed_precision,
     state_dict_sharded, state_dict_full, dcp_save, dcp_load, bad_grad_type, bad_state_mesh)}
 
 

@@ -301,7 +301,8 @@ OPTIMIZER_INPUTS = [
 
 def reference_kwargs(kwargs):
     """Our constructor kwargs minus the ones ReferenceAdEMAMix does not take."""
-    return {k: v for k, v in kwargs.items() if k not in ("backend",)}
+    return {k: v for k, v in kwargs.items()
+            if k not in ("backend", "max_grad_norm", "norm_type")}
 
 
 def make_pair(shapes, dtype, device, backend, kwargs, seed, groups_fn=None, lo=1.0, hi=2.0):

@@ -259,6 +259,15 @@ def test_fsdp2_matches_one_process(device, world, backend, distributed, request)
     distributed.check(request.node)
 
 
+@scenario("clip_parity")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,world", [("cpu", 2), ("cpu", 4)])
+def test_fused_clipping_matches_torch_clip_grad_norm(device, world, backend, distributed, request):
+    """opt.clip_grad_norm_ on FSDP2 (2 ranks) and HSDP (4 ranks) params: the norm of the whole
+    gradient, and training identical to one process clipping with torch's clip_grad_norm_."""
+    distributed.check(request.node)
+
+
 @scenario("hsdp_parity", world=4)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", ["cpu"])

@@ -198,6 +198,37 @@ def _increment_steps_kernel(step_addrs_ptr, n_steps, found_inf_ptr, HAS_FOUND_IN
     tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
 
 
+@triton.jit
+def _norm_kernel(table_ptr, partials_ptr, P_DTYPE: tl.constexpr, INF: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per chunk row: the chunk's sum of squares (or, INF, its largest magnitude,
+    NaN kept) in fp32, into partials[row]."""
+    pid = tl.program_id(0)
+    row = table_ptr + pid.to(tl.int64) * _ROW
+    g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
+    n = tl.load(row + _LEN).to(tl.int32)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    nan = tl.zeros((BLOCK,), tl.int32)
+    # Full blocks unmasked (vector loads), then at most one masked tail.
+    n_full = n // BLOCK
+    for start in range(0, n_full * BLOCK + (n % BLOCK > 0) * BLOCK, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        if start < n_full * BLOCK:
+            x = tl.load(g_ptr + offs).to(tl.float32)
+        else:
+            x = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        if INF:
+            acc = tl.maximum(acc, tl.abs(x))
+            nan = nan | (x != x).to(tl.int32)
+        else:
+            acc += x * x
+    if INF:
+        out = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0))
+    else:
+        out = tl.sum(acc, 0)
+    tl.store(partials_ptr + pid, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch plans.
 #
@@ -304,6 +335,20 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
         raise RuntimeError(f"ademamix_triton: {e}") from None
 
 
+def _check_grads(grads, device):
+    dtype = grads[0].dtype
+    if dtype not in _PARAM_DTYPES:
+        raise TypeError(f"ademamix_triton: grads must be float32, bfloat16 or float16, got {dtype}")
+    for i, g in enumerate(grads):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"ademamix_triton: grads[{i}] is {type(g).__name__}, not a Tensor")
+        if g.device != device or g.dtype != dtype:
+            raise RuntimeError(f"ademamix_triton: grads[{i}] is {g.dtype} on {g.device}; grads[0] "
+                               f"is {dtype} on {device} (one dtype and device per call)")
+        if g.layout != torch.strided or not g.is_contiguous():
+            raise RuntimeError(f"ademamix_triton: grads[{i}] must be dense and contiguous")
+
+
 def _plan(params, grads, m1s, m2s, nus, steps, device):
     dense = list(chain(params, grads, m1s, m2s, nus))
     flat = dense + steps
@@ -317,17 +362,42 @@ def _plan(params, grads, m1s, m2s, nus, steps, device):
         dense_ok = all(map(_is_contiguous, dense))
     except (RuntimeError, TypeError, AttributeError):  # not a tensor, sparse, no storage
         dense_ok = False
+    check = lambda: _check_tensors(params, grads, m1s, m2s, nus, steps, device)  # noqa: E731
     if not dense_ok:
-        _check_tensors(params, grads, m1s, m2s, nus, steps, device)  # names the culprit
+        check()  # names the culprit
         raise RuntimeError("ademamix_triton: every tensor must be dense and contiguous")
+    return _lookup(key, device, check, lambda capturing: _new_plan(
+        ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device, capturing))
+
+
+def _norm_plan(grads, device):
+    """The plan of a gradient norm: the step's table layout with the grads in every data column
+    (only the grad column and the lengths are read) and no step counts."""
+    try:
+        ptrs, numels = tuple(map(_data_ptr, grads)), tuple(map(_numel, grads))
+        key = ("norm", device, CHUNK_SIZE, ptrs, numels, tuple(map(_dtype, grads)),
+               tuple(map(_stride, grads)))
+        dense_ok = all(map(_is_contiguous, grads))
+    except (RuntimeError, TypeError, AttributeError):
+        dense_ok = False
+    check = lambda: _check_grads(grads, device)  # noqa: E731
+    if not dense_ok:
+        check()
+        raise RuntimeError("ademamix_triton: every grad must be dense and contiguous")
+    no_steps = (0,) * len(grads)
+    return _lookup(key, device, check, lambda capturing: _new_plan(
+        ptrs * 4 + no_steps, numels, False, grads[0].element_size(), device, capturing))
+
+
+def _lookup(key, device, check, build):
+    """The cached plan of `key`, or build(capturing) after check() on a miss."""
     capturing = _capturing(device)
     plan = _plans.get(key)
     # A pending plan is written by its own graph's replays only: another capture needs its own.
     if plan is None or (capturing and plan.pending):
         if plan is None:
-            _check_tensors(params, grads, m1s, m2s, nus, steps, device)
-        plan = _new_plan(ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device,
-                         capturing)
+            check()
+        plan = build(capturing)
         if len(_plans) >= _MAX_PLANS and key not in _plans:
             # least recently used (by value: hashing the long keys again costs more)
             del _plans[min(_plans.items(), key=lambda item: item[1].last_use)[0]]
@@ -596,6 +666,51 @@ def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, sta
             # itself with thousands of tensors.
             _run(*args)
             _bump_versions(args)
+
+
+def _norm_partials_impl(grads: List[torch.Tensor], inf_norm: bool) -> torch.Tensor:
+    """One fp32 partial per chunk of the grads: sums of squares, or (inf_norm) largest
+    magnitudes. Empty grads have no chunk."""
+    if not grads:
+        return torch.empty(0)
+    device = grads[0].device
+    if device.type != ("cpu" if _INTERPRETED else "cuda"):
+        raise RuntimeError(f"ademamix_triton: grads on {device}; this process runs Triton "
+                           + ("interpreted: CPU tensors only" if _INTERPRETED else "compiled: "
+                              "CUDA tensors only"))
+    with _device_guard(device):
+        plan = _norm_plan(grads, device)
+        n_rows = plan.layout.steps_offset // 8
+        partials = torch.empty(n_rows, dtype=torch.float32, device=device)
+        for (rows, n_chunks, aligned), (offset, _, _) in zip(
+                plan.launches, [spec for spec in plan.layout.launches if spec[1]]):
+            first = offset // 8
+            _norm_kernel[(n_chunks,)](rows, partials[first:first + n_chunks],
+                                      P_DTYPE=_PARAM_DTYPES[grads[0].dtype], INF=bool(inf_norm),
+                                      ALIGNED=aligned, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return partials
+
+
+_norm_op = torch.library.custom_op("ademamix_triton::grad_norm_partials", _norm_partials_impl,
+                                   mutates_args=())
+
+
+@_norm_op.register_fake
+def _norm_op_fake(grads, inf_norm):
+    n = sum(-(-g.numel() // CHUNK_SIZE) for g in grads)
+    return grads[0].new_empty((n,), dtype=torch.float32) if grads else torch.empty(0)
+
+
+def grad_norm_partials(grads, inf_norm=False):
+    """One fp32 partial of the gradient norm per chunk of `grads` (all on one device, one dtype,
+    contiguous): sums of squares, or with inf_norm the largest magnitudes (NaN kept). The total
+    2-norm is the square root of their sum; the inf-norm their max. One launch (two with
+    misaligned views); the grads are only read."""
+    grads = list(grads)
+    with torch.no_grad():
+        if _traced():
+            return _norm_op(grads, bool(inf_norm))
+        return _norm_partials_impl(grads, bool(inf_norm))
 
 
 class Stepper:
