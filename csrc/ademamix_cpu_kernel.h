@@ -139,10 +139,9 @@ float norm_chunk(const TensorRecord& rec, int64_t chunk) {
   for (int a = 0; a < kAcc; ++a) {
     acc[a] = FVec(0.0f);
   }
-  int i = 0;
-  for (int a = 0; i + kWidth <= len; i += kWidth, a = (a + 1) % kAcc) {
+  const auto add = [&](int a, int at) {
     FVec v[G::kVecs];
-    G::load(g + i, v);
+    G::load(g + at, v);
     for (int k = 0; k < G::kVecs; ++k) {
       if constexpr (Inf) {
         acc[a] = at::vec::maximum(acc[a], v[k].abs());  // keeps NaN
@@ -150,6 +149,15 @@ float norm_chunk(const TensorRecord& rec, int64_t chunk) {
         acc[a] = acc[a] + v[k] * v[k];
       }
     }
+  };
+  int i = 0;
+  for (; i + kAcc * kWidth <= len; i += kAcc * kWidth) {
+    for (int a = 0; a < kAcc; ++a) {  // constant bounds: the accumulators stay in registers
+      add(a, i + a * kWidth);
+    }
+  }
+  for (; i + kWidth <= len; i += kWidth) {
+    add(0, i);
   }
   float out = 0.0f;
   for (int a = 0; a < kAcc; ++a) {
