@@ -132,19 +132,25 @@ PlanCache<CudaPlan>& plan_cache() {
   return *cache;
 }
 
+// The device plan of `key` for a launch on the current stream of `device` (the caller holds a
+// CUDAGuard for it).
+PlanView cuda_plan(const PlanKey& key, const at::Device& device,
+                   const c10::cuda::CUDAStream& stream) {
+  const bool capturing = stream_is_capturing(stream.stream());
+  return plan_cache().get(
+      key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
+      [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
+}
+
 void step_cuda(const StepArgs& a) {
   thread_local PlanKey key;  // keeps its capacity from call to call
   if (!check_step_args(a, c10::DeviceType::CUDA, key)) {
     return;
   }
-  const at::Tensor& param0 = a.lists[kParamIdx][0];
-  const at::Device device = param0.device();
+  const at::Device device = a.lists[kParamIdx][0].device();
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const bool capturing = stream_is_capturing(stream.stream());
-  const PlanView plan = plan_cache().get(
-      key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
-      [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
+  const PlanView plan = cuda_plan(key, device, stream);
   launch_ademamix_step(launch_args(a, key, plan), stream.stream());
 }
 
@@ -156,10 +162,7 @@ at::Tensor norm_partials_cuda(at::TensorList grads, bool inf_norm) {
   const at::Device device = grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const bool capturing = stream_is_capturing(stream.stream());
-  const PlanView plan = plan_cache().get(
-      key, [&](size_t hash) { return make_cuda_plan(key, hash, device, stream, capturing); },
-      [&](CudaPlan& e) { use_cuda_plan(e, stream, capturing); });
+  const PlanView plan = cuda_plan(key, device, stream);
   at::Tensor partials = new_partials(plan, device);
   launch_norm_partials(norm_launch_args(grads, plan), inf_norm, partials.data_ptr<float>(),
                        stream.stream());

@@ -44,7 +44,7 @@ def _build(name):
             "the CPU runs AVX2 but the AVX2 build of the CPU kernel was not loaded")
         yield
         return
-    torch.ops.ademamix._set_cpu_kernel(0)  # the baseline build in _C
+    torch.ops.ademamix._set_cpu_kernel(0, 0)  # the baseline builds in _C
     try:
         yield
     finally:
