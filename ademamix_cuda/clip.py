@@ -40,13 +40,13 @@ def _power_sum(grads, norm_type, backend):
     """sum |g|^p over plain tensors on one device (max |g| for p = inf), as a 0-d tensor, in
     fp32 (fp64 for fp64 grads) whatever the grads' dtype."""
     inf = math.isinf(norm_type)
-    kernel = backends.resolve(backend, grads[0].device) in ("cuda", "triton")
-    kernel = kernel and norm_type in _KERNEL_NORMS
+    name = backends.resolve(backend, grads[0].device)
+    kernel = name in ("cuda", "triton") and norm_type in _KERNEL_NORMS
     parts = []
     grouped = Optimizer._group_tensors_by_device_and_dtype([grads])
     for (_, dtype), ([group], _) in grouped.items():
         if kernel:
-            partials = _kernel_partials(backends.resolve(backend, grads[0].device), group, inf)
+            partials = _kernel_partials(name, group, inf)
             if partials.numel() == 0:  # only empty grads
                 continue
         else:
