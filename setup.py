@@ -59,7 +59,10 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[pu]*"))
     # No -std flag: torch's build adds the C++ standard its headers need (C++20 from torch 2.14).
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # No contracted multiply-adds (-fmad=false, -ffp-contract=off): every backend rounds the same
+    # fp32 operations in the same order, so the CUDA kernel, the CPU kernels and Triton compute
+    # the same bits (and stochastic rounding draws on the same values).
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false"]
     if os.environ.get("ADEMAMIX_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")  # the register/spill report
     # at::parallel_for is an inline template that runs its threads through OpenMP pragmas: the
@@ -69,7 +72,7 @@ def extensions():
         name="ademamix_cuda._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3"] + openmp,
+            "cxx": ["-O3", "-ffp-contract=off"] + openmp,
             "nvcc": nvcc_flags,
         },
         extra_link_args=openmp,
@@ -82,7 +85,8 @@ def extensions():
         exts.append(CppExtension(
             name="ademamix_cuda._cpu_avx2",
             sources=["csrc/avx2/ademamix_cpu_avx2.cpp"],
-            extra_compile_args=["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
+            extra_compile_args=["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
+                                "-DCPU_CAPABILITY=AVX2",
                                 "-DCPU_CAPABILITY_AVX2"] + openmp,
             extra_link_args=openmp,
             py_limited_api=False,

@@ -13,8 +13,8 @@ reshard them; step counts stay plain tensors, as torch's AdamW keeps them under 
 import torch
 from torch import Tensor
 
-__all__ = ["check_grad", "describe", "is_dtensor", "local", "local_lists", "same_layout",
-           "zeros_state"]
+__all__ = ["check_grad", "describe", "is_dtensor", "local", "local_lists", "map_local",
+           "same_layout", "zeros_state"]
 
 try:
     from torch.distributed.tensor import DTensor
@@ -52,6 +52,14 @@ def zeros_state(p: Tensor, dtype: torch.dtype) -> Tensor:
     shard = torch.zeros_like(p.to_local(), dtype=dtype, memory_format=torch.preserve_format)
     return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False,
                               shape=p.shape, stride=p.stride())
+
+
+def map_local(t: Tensor, fn) -> Tensor:
+    """fn applied to t, or for a DTensor to its local shard, re-wrapped with t's layout."""
+    if not is_dtensor(t):
+        return fn(t)
+    return DTensor.from_local(fn(t.to_local()), t.device_mesh, t.placements, run_check=False,
+                              shape=t.shape, stride=t.stride())
 
 
 def check_grad(p: Tensor, g: Tensor, index) -> None:

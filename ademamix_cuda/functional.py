@@ -10,7 +10,20 @@
 Lists travel in the order params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps.
 The kernel backends check the tensors themselves (in C++ or once per cached launch plan); the
 torch paths are checked here.
+
+States are float32, or bfloat16 (all three of a call: half the state memory). bf16 states, and
+bf16 params with param_rounding="stochastic", are written back with stochastic rounding (SR):
+16 random bits are added below the bits a bf16 keeps, so a value rounds up with probability equal
+to the fraction dropped and the rounding is unbiased (a bf16 slow EMA rounded to nearest stalls:
+0.9999 * m rounds back to m). The random bits are a hash of (sr_seed, the tensor's index in the
+call's lists, the step being taken, the element's index in its tensor); no thread, block or
+launch geometry enters, so every backend draws the same bits (ademamix_cuda.rounding, which
+mirrors csrc/ademamix.h). The kernel backends compute the same fp32 operations and agree bit for
+bit; the torch paths draw the same bits, but their fp32 arithmetic is torch's (other rounding of
+intermediate results, step scalars in fp64), so they agree with the kernels within tolerance, and
+bit for bit only where their fp32 values agree.
 """
+import functools
 import math
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -19,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, rounding
 from .clip import check_norm_type, clip_scale, grad_norm
 from .dtensor import local_lists
 from .overlap import check_disjoint
@@ -108,6 +121,8 @@ def ademamix(
     norm_type: float = 2.0,
     total_norm: Tensor | None = None,
     backend: str = "auto",
+    sr_seed: int | None = None,
+    param_rounding: str = "nearest",
 ) -> Tensor | None:
     """One AdEMAMix step, in place, for every (param, grad, states, step) of the lists.
 
@@ -121,10 +136,27 @@ def ademamix(
     (taken in one read of them; see grad_norm), or by `total_norm` when given (e.g. grad_norm over
     the grads of several calls). With a grad_scale, the norm is that of the unscaled grads.
     Returns the total norm of the grads as they are in memory when clipping, else None.
+
+    The states of one call are all float32 or all bfloat16 (then the params must be float32,
+    bfloat16 or float16). bf16 states are written with stochastic rounding (see the module doc),
+    and so are bf16 params when `param_rounding` is "stochastic" ("nearest", the default, rounds
+    them to nearest even). `sr_seed`, an int in [0, 2**63), keys the random bits, which also
+    depend on the tensor's index in the lists, the step and the element's index (never on how a
+    backend splits the work): the same seed and lists give the same bits on every backend. It is
+    required with bf16 states or stochastic param rounding and ignored otherwise; a caller
+    stepping the same tensors in several calls (param groups) should give each call its own
+    seed. A call holding several param dtypes with SR on runs as one sub-call per dtype, each
+    with a seed derived from sr_seed (rounding.sub_call_seed).
     """
     check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
                           beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
                           weight_decay=weight_decay)
+    if param_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {param_rounding!r}")
+    if sr_seed is not None and (isinstance(sr_seed, bool) or not isinstance(sr_seed, int)
+                                or not 0 <= sr_seed < 2**63):
+        raise ValueError(f"sr_seed must be an int in [0, 2**63) or None, got {sr_seed!r}")
+    param_sr = param_rounding == "stochastic"
     n = len(params)
     if exp_avg_fasts is None or all(m is None for m in exp_avg_fasts):
         if beta1 != 0.0:
@@ -145,6 +177,8 @@ def ademamix(
     norm_type = check_norm_type(norm_type)
     if n == 0:
         return None
+    _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, sr_seed=sr_seed,
+                    param_sr=param_sr)
     norm = None
     if max_grad_norm is not None:
         norm = total_norm if total_norm is not None else grad_norm(grads, norm_type,
@@ -173,34 +207,67 @@ def ademamix(
     run(name, lists, one_dtype=all(p.dtype == dtype for p in lists[0]), lr=lr, beta1=beta1,
         beta2=beta2, beta3=beta3, alpha=alpha, beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup,
         eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf)
+        found_inf=found_inf, sr_seed=sr_seed, param_sr=param_sr)
     return norm
 
 
-def run(name, lists, *, one_dtype, stepper=None, **hyper):
+def _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, *, sr_seed, param_sr):
+    """The state dtype and stochastic rounding arguments of a call (exp_avg_fasts may be [])."""
+    bf16_states = exp_avg_slows[0].dtype == torch.bfloat16
+    for name, states in (("exp_avg_fasts", exp_avg_fasts), ("exp_avg_slows", exp_avg_slows),
+                         ("exp_avg_sqs", exp_avg_sqs)):
+        for i, s in enumerate(states):
+            if (s.dtype == torch.bfloat16) != bf16_states:
+                raise TypeError(
+                    f"the states of one call must be all float32 or all bfloat16: exp_avg_slows[0] "
+                    f"is {exp_avg_slows[0].dtype} but {name}[{i}] is {s.dtype}")
+    if bf16_states:
+        for i, p in enumerate(params):
+            if p.dtype not in _KERNEL_DTYPES:
+                raise TypeError(f"bfloat16 states need float32, bfloat16 or float16 params: "
+                                f"params[{i}] is {p.dtype}")
+    if param_sr:
+        for i, p in enumerate(params):
+            if p.dtype != torch.bfloat16:
+                raise TypeError(f"param_rounding='stochastic' needs bfloat16 params: params[{i}] "
+                                f"is {p.dtype}")
+    if sr_seed is None and (bf16_states or param_sr):
+        raise ValueError("sr_seed is required with bfloat16 states or param_rounding='stochastic' "
+                         "(it keys the random bits of the stochastic rounding)")
+
+
+def run(name, lists, *, one_dtype, stepper=None, sr_seed=None, param_sr=False, **hyper):
     """Runs backend `name` on checked `lists` (exp_avg_fasts an empty list when beta1 == 0).
 
-    `one_dtype` says all params share a dtype; else the kernel backends run once per dtype.
+    `one_dtype` says all params share a dtype; else the kernel backends run once per dtype, and
+    with stochastic rounding (bf16 states or `param_sr`) every backend does, each sub-call with
+    its own seed (rounding.sub_call_seed) and tensor indices from 0, as the kernels number them.
     `stepper`: a triton_kernels.Stepper made for exactly these lists, whose host work per step is
     smaller (the optimizer keeps one per param group).
     """
-    if name in ("single", "foreach"):
-        _torch_step(*lists, per_tensor=(name == "single"), **hyper)
-        return
+    stochastic = param_sr or lists[3][0].dtype == torch.bfloat16
+    sr = dict(sr_seed=sr_seed if stochastic else None, param_sr=param_sr)
     if stepper is not None:
-        _triton_step(*lists, stepper=stepper, **hyper)
+        _triton_step(*lists, stepper=stepper, **sr, **hyper)
         return
-    kernel = _cuda_step if name == "cuda" else _triton_step
-    if one_dtype:
-        kernel(*lists, **hyper)
+    torch_path = name in ("single", "foreach")
+    if torch_path:
+        kernel = functools.partial(_torch_step, per_tensor=(name == "single"))
+    else:
+        kernel = _cuda_step if name == "cuda" else _triton_step
+    if one_dtype or (torch_path and not stochastic):
+        kernel(*lists, **sr, **hyper)
         return
     present = [i for i, tensors in enumerate(lists) if tensors]
-    grouped = Optimizer._group_tensors_by_device_and_dtype([lists[i] for i in present])
-    for group_lists, _ in grouped.values():
+    grouped = Optimizer._group_tensors_by_device_and_dtype([lists[i] for i in present],
+                                                           with_indices=True)
+    for group_lists, indices in grouped.values():
         call = [[] for _ in lists]
         for i, group_list in zip(present, group_lists):
             call[i] = group_list
-        kernel(*call, **hyper)
+        if stochastic:
+            sr["sr_seed"] = rounding.sub_call_seed(sr_seed, min(indices))
+        kernel(*call, **sr, **hyper)
 
 
 def _cuda_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
@@ -279,14 +346,19 @@ def _step_scalars(t, *, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup):
 
 def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *,
                 per_tensor, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
-                weight_decay, maximize, grad_scale, found_inf):
+                weight_decay, maximize, grad_scale, found_inf, sr_seed=None, param_sr=False):
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = float(lr)
-    # Low-precision params are updated through fp32 copies; the states are fp32 already.
+    # Low-precision params, and bf16 states, are updated through fp32 copies.
     low = [p.dtype in _LOW_PRECISION for p in params]
     work_params = [p.float() if is_low else p for p, is_low in zip(params, low)]
     work_grads = [g.float() if is_low else g for g, is_low in zip(grads, low)]
+    bf16_states = exp_avg_slows[0].dtype == torch.bfloat16
+    states = {"exp_avg_fast": exp_avg_fasts, "exp_avg_slow": exp_avg_slows,
+              "exp_avg_sq": exp_avg_sqs}
+    work_states = {k: [m.float() for m in v] if bf16_states else v for k, v in states.items()}
+    work_fasts, work_slows, work_sqs = work_states.values()
     if grad_scale is not None:
         scale = grad_scale.reshape(())  # a [1]-shaped scale must not turn 0-d grads into [1]
         work_grads = [g / scale.to(g.device) for g in work_grads]
@@ -299,21 +371,32 @@ def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_
     constants = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     uniform = all(t == steps[0] for t in steps)  # the usual case: one set of scalars
     per_step = [_step_scalars(t, **hyper) for t in (steps[:1] if uniform else steps)]
-    fasts = exp_avg_fasts or [None] * len(params)
+    fasts = work_fasts or [None] * len(params)
     if per_tensor:
-        for i, (p, g, m1, m2, nu) in enumerate(zip(work_params, work_grads, fasts, exp_avg_slows,
-                                                   exp_avg_sqs)):
+        for i, (p, g, m1, m2, nu) in enumerate(zip(work_params, work_grads, fasts, work_slows,
+                                                   work_sqs)):
             _update(_PER_TENSOR_OPS, p, g, m1, m2, nu, **per_step[0 if uniform else i], **constants)
     else:
         grouped = Optimizer._group_tensors_by_device_and_dtype(
-            [work_params, work_grads, exp_avg_slows, exp_avg_sqs] + ([fasts] if exp_avg_fasts else []),
+            [work_params, work_grads, work_slows, work_sqs] + ([fasts] if work_fasts else []),
             with_indices=True)
         for group_lists, indices in grouped.values():
             p, g, m2, nu = group_lists[:4]
-            m1 = group_lists[4] if exp_avg_fasts else None
+            m1 = group_lists[4] if work_fasts else None
             scalars = per_step[0] if uniform else {
                 k: [per_step[i][k] for i in indices] for k in per_step[0]}
             _update(_FOREACH_OPS, p, g, m1, m2, nu, **scalars, **constants)
-    for p, work, is_low in zip(params, work_params, low):
-        if is_low:
+    for i, (p, work, is_low) in enumerate(zip(params, work_params, low)):
+        if bf16_states or param_sr:
+            # the kernels' bits: tensor i of this call, the new step, the element's index
+            words = rounding.random_words(sr_seed, i, int(steps[i]), p.numel(), p.device)
+        if bf16_states:
+            for which, tensors in states.items():
+                if tensors:
+                    m = tensors[i]
+                    m.copy_(rounding.round_bf16_sr(work_states[which][i],
+                                                   rounding.bits_of(words, which, m)))
+        if param_sr:
+            p.copy_(rounding.round_bf16_sr(work, rounding.bits_of(words, "param", p)))
+        elif is_low:
             p.copy_(work)  # rounds to nearest even

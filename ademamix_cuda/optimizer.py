@@ -6,22 +6,53 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, functional
+from . import backends, functional, rounding
 from .clip import check_norm_type, clip_scale
-from .dtensor import check_grad, describe, is_dtensor, local, same_layout, zeros_state
+from .dtensor import check_grad, describe, is_dtensor, local, map_local, same_layout, zeros_state
 from .overlap import check_disjoint
 
 __all__ = ["AdEMAMix"]
 
 _STATE_TENSORS = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
 _KERNEL_BACKENDS = ("cuda", "triton")
-# Settings of how a group runs, not of the optimization: a loaded state_dict keeps ours.
-_EXECUTION_KEYS = ("backend",)
+# Settings of how a group runs and stores its states, not of the optimization: a loaded
+# state_dict keeps ours (its states are converted to our state dtype).
+_EXECUTION_KEYS = ("backend", "state_dtype", "param_rounding")
+_STATE_DTYPE_NAMES = {torch.float32: "float32", "float32": "float32", "fp32": "float32",
+                      torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_PARAM_ROUNDINGS = ("nearest", "stochastic")
+_SEED_LIMIT = 2**63
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads group indices over the seed space
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
-    """States are fp32 for bf16/fp16 params (a bf16 slow EMA stalls), else the param dtype."""
+def _state_dtype(p: Tensor, setting: str = "float32") -> torch.dtype:
+    """bf16 states when the group asks for them (written with stochastic rounding); otherwise
+    fp32 for bf16/fp16 params (a plain bf16 slow EMA stalls), else the param dtype."""
+    if setting == "bfloat16":
+        return torch.bfloat16
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+def _group_seed(base: int, index: int) -> int:
+    """The seed of param group `index` when it sets none: the optimizer's for the first group,
+    distinct ones for the others."""
+    return (base ^ (index * _GOLDEN)) % _SEED_LIMIT
+
+
+def _default_seed() -> int:
+    """From torch's seed (torch.manual_seed makes a run reproducible) without drawing from its
+    generator, so creating the optimizer leaves the random numbers of the program unchanged."""
+    return (torch.initial_seed() * _GOLDEN) % _SEED_LIMIT
+
+
+def _to_state_dtype(value: Tensor, dtype: torch.dtype, device, seed: int, index: int, step: int,
+                    key: str) -> Tensor:
+    """A copy of saved state `value` as a state of `dtype` on `device`: exact, except fp32 (or
+    wider) to bf16, which rounds stochastically with the random bits of (seed, index, step)."""
+    value = value.detach()
+    if dtype != torch.bfloat16 or value.dtype == torch.bfloat16:
+        return value.to(device=device, dtype=dtype, copy=True)
+    return map_local(value, lambda t: rounding.sr_to_bf16(t.to(device), seed, index, step, key))
 
 
 @dataclass
@@ -32,6 +63,7 @@ class _Plan:
     dtensors: list  # the group's params with grads, where some are DTensors; else None
     beta1_zero: bool
     backend_setting: str
+    state_dtype: str
     backend: str
     one_dtype: bool
     params: list  # local shards of DTensor params (what the backends update)
@@ -57,18 +89,34 @@ class AdEMAMix(Optimizer):
     backend: "auto" (the CUDA kernel for cuda tensors when the extension is built, else the
     Triton kernel, else foreach; foreach for other devices), "cuda", "triton", "foreach" or
     "single". An explicit backend that cannot run raises an error naming what is missing.
+
+    Low-memory states: state_dtype=torch.bfloat16 (or "bf16") stores m1, m2 and nu in bf16 (6
+    bytes per param instead of 12); the math stays fp32 and every state is written back with
+    stochastic rounding (SR), which keeps the slow EMA unbiased where round-to-nearest would
+    stall it. param_rounding="stochastic" writes bf16 params with SR too (pure-bf16 training
+    without an fp32 master copy). The random bits are a hash of (sr_seed, the tensor's index in
+    its group's call, the step, the element index): the same in every backend, whatever the
+    launch geometry. sr_seed (an int in [0, 2^63)) defaults to one derived from
+    torch.initial_seed() (no draw from torch's generator), so torch.manual_seed makes a run
+    reproducible; each param group gets its own seed, saved in its state_dict entry.
+    load_state_dict converts saved states to this optimizer's state dtype: bf16 to fp32 exactly,
+    fp32 to bf16 by SR keyed by the group's seed, the param's index in its group and its step.
     """
 
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
                  alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False, backend="auto",
-                 max_grad_norm=None, norm_type=2.0, t_alpha=None, t_beta3=None):
+                 max_grad_norm=None, norm_type=2.0, t_alpha=None, t_beta3=None,
+                 state_dtype=torch.float32, param_rounding="nearest", sr_seed=None):
         alpha_warmup = _alias("alpha_warmup", alpha_warmup, "t_alpha", t_alpha)
         beta3_warmup = _alias("beta3_warmup", beta3_warmup, "t_beta3", t_beta3)
+        _check_seed(sr_seed)
+        self._base_seed = _default_seed() if sr_seed is None else sr_seed
         defaults = dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize, backend=backend)
+                        maximize=maximize, backend=backend, state_dtype=state_dtype,
+                        param_rounding=param_rounding, sr_seed=None)
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
@@ -84,16 +132,23 @@ class AdEMAMix(Optimizer):
         group = self.param_groups[-1]
         try:
             _check_group(group)
+            _check_precision(group)
         except ValueError:
             self.param_groups.pop()
             raise
+        group["state_dtype"] = _STATE_DTYPE_NAMES[group["state_dtype"]]
+        if group["sr_seed"] is None:
+            group["sr_seed"] = _group_seed(self._base_seed, len(self.param_groups) - 1)
         self._plans.clear()
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
+        self._base_seed = getattr(self, "_base_seed", _default_seed())
+        for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            if group["sr_seed"] is None:  # a state from before the option, or from elsewhere
+                group["sr_seed"] = _group_seed(self._base_seed, index)
         self._plans = {}
         self.backend_used = getattr(self, "backend_used", None)
 
@@ -124,10 +179,13 @@ class AdEMAMix(Optimizer):
             scale = grad_scale
             if clip is not None and scale.device != plan.params[0].device:
                 scale = scale.to(plan.params[0].device)  # a group on another device
+            param_sr = group["param_rounding"] == "stochastic"
+            random = param_sr or group["state_dtype"] == "bfloat16"
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
                          beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
                          eps=group["eps"], weight_decay=group["weight_decay"],
-                         maximize=group["maximize"], grad_scale=scale, found_inf=found_inf)
+                         maximize=group["maximize"], grad_scale=scale, found_inf=found_inf,
+                         sr_seed=group["sr_seed"] if random else None, param_sr=param_sr)
             functional.check_hyperparameters(**{k: hyper[k] for k in _HYPER_KEYS})
             lists = [plan.params, grads, plan.exp_avg_fasts, plan.exp_avg_slows, plan.exp_avg_sqs,
                      plan.state_steps]
@@ -183,12 +241,16 @@ class AdEMAMix(Optimizer):
         beta1_zero = group["betas"][0] == 0.0
         plan = self._plans.get(index)
         if (plan is not None and plan.has_grad == has_grad and plan.beta1_zero == beta1_zero
-                and plan.backend_setting == group["backend"]):
+                and plan.backend_setting == group["backend"]
+                and plan.state_dtype == group["state_dtype"]):
             return plan
         if not any(has_grad):
             return None
         params = [p for p, has in zip(group["params"], has_grad) if has]
+        positions = [i for i, has in enumerate(has_grad) if has]
         grads = [g for g in grads if g is not None]
+        _check_precision(dict(group, params=params))
+        group["state_dtype"] = _STATE_DTYPE_NAMES[group["state_dtype"]]  # may be set by hand
         # Check everything before the first state is created: a bad call changes nothing.
         for i, (p, g) in enumerate(zip(params, grads)):
             check_grad(p, g, i)
@@ -210,8 +272,8 @@ class AdEMAMix(Optimizer):
         device = params[0].device
         backend = backends.resolve(group["backend"], device)
         step_device = device if backend in _KERNEL_BACKENDS else torch.device("cpu")
-        for p in dtensors or params:
-            self._init_state(p, beta1_zero, step_device)
+        for p, position in zip(dtensors or params, positions):
+            self._init_state(p, beta1_zero, step_device, group, position)
         states = [self.state[p] for p in dtensors or params]
         lists = dict(params=params,
                      exp_avg_fasts=[] if beta1_zero else [local(s["exp_avg_fast"]) for s in states],
@@ -225,13 +287,17 @@ class AdEMAMix(Optimizer):
 
             stepper = Stepper(*lists.values())
         plan = _Plan(has_grad=has_grad, dtensors=dtensors, beta1_zero=beta1_zero,
-                     backend_setting=group["backend"], backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
+                     backend_setting=group["backend"], state_dtype=group["state_dtype"],
+                     backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
         self._plans[index] = plan
         return plan
 
-    def _init_state(self, p, beta1_zero, step_device):
+    def _init_state(self, p, beta1_zero, step_device, group, position):
+        """Creates p's state, or brings it to the group's settings (step device and dtype, the
+        state dtype: converted as load_state_dict converts, a new fast EMA)."""
         state = self.state[p]
-        zeros = lambda: zeros_state(p, _state_dtype(p))
+        dtype = _state_dtype(p, group["state_dtype"])
+        zeros = lambda: zeros_state(p, dtype)
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg_fast"] = None if beta1_zero else zeros()
@@ -243,29 +309,43 @@ class AdEMAMix(Optimizer):
             state["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
         elif step.device != step_device or step.dtype != torch.float32:
             state["step"] = step.to(device=step_device, dtype=torch.float32)
+        for key in _STATE_TENSORS:
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.dtype != dtype:
+                state[key] = _to_state_dtype(value, dtype, p.device, group["sr_seed"], position,
+                                             int(state["step"]), key)
         if not beta1_zero and state.get("exp_avg_fast") is None:
             state["exp_avg_fast"] = zeros()  # beta1 became nonzero: the fast EMA starts now
 
     def load_state_dict(self, state_dict):
         _check_state_dict(self, state_dict)
-        execution = [{k: g[k] for k in _EXECUTION_KEYS} for g in self.param_groups]
+        kept = [{k: g[k] for k in _EXECUTION_KEYS + ("sr_seed",)} for g in self.param_groups]
+        for saved_group, ours in zip(state_dict["param_groups"], kept):
+            if saved_group.get("sr_seed") is not None:  # the saved run's seed continues
+                ours["sr_seed"] = saved_group["sr_seed"]
         saved_states = state_dict["state"]
         super().load_state_dict(state_dict)
+        for group, ours in zip(self.param_groups, kept):
+            group.update(ours)
         # torch casts state tensors to the param dtype (bf16 states for bf16 params, losing bits)
-        # and may alias the given tensors: take our own fp32 copies of the saved values instead.
+        # and may alias the given tensors: take our own copies of the saved values instead, in
+        # our state dtype.
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        groups = list(chain.from_iterable([g] * len(g["params"]) for g in self.param_groups))
+        in_group = list(chain.from_iterable(range(len(g["params"])) for g in self.param_groups))
         position = _positions(state_dict)
         for index, saved in saved_states.items():
-            p = params[position[index]]
+            n = position[index]
+            p, group = params[n], groups[n]
             state = self.state[p]
-            for key in _STATE_TENSORS:
-                if isinstance(saved.get(key), Tensor):
-                    state[key] = saved[key].to(device=p.device, dtype=_state_dtype(p), copy=True)
             step = saved["step"]
             state["step"] = (step.detach().to(dtype=torch.float32, copy=True) if isinstance(step, Tensor)
                              else torch.tensor(float(step), dtype=torch.float32))
-        for group, kept in zip(self.param_groups, execution):
-            group.update(kept)
+            dtype = _state_dtype(p, group["state_dtype"])
+            for key in _STATE_TENSORS:
+                if isinstance(saved.get(key), Tensor):
+                    state[key] = _to_state_dtype(saved[key], dtype, p.device, group["sr_seed"],
+                                                 in_group[n], int(state["step"]), key)
         self._plans.clear()
 
 
@@ -279,6 +359,30 @@ def _alias(name, value, alias, alias_value):
     if value is not None and value != alias_value:
         raise ValueError(f"{name}={value} and its alias {alias}={alias_value} disagree")
     return alias_value
+
+
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < _SEED_LIMIT):
+        raise ValueError(f"sr_seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
+def _check_precision(group):
+    """The group's state dtype and param rounding, against its params."""
+    state_dtype, rounding_mode = group["state_dtype"], group["param_rounding"]
+    if state_dtype not in _STATE_DTYPE_NAMES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16 (or 'float32', "
+                         f"'bfloat16', 'fp32', 'bf16'), got {state_dtype!r}")
+    if rounding_mode not in _PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {rounding_mode!r}")
+    _check_seed(group.get("sr_seed"))
+    for p in group["params"]:
+        if rounding_mode == "stochastic" and p.dtype != torch.bfloat16:
+            raise ValueError(f"param_rounding='stochastic' rounds bf16 params; this group holds a "
+                             f"{p.dtype} param (use 'nearest', or bf16 params)")
+        if (_STATE_DTYPE_NAMES[state_dtype] == "bfloat16"
+                and p.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+            raise ValueError(f"bf16 states need float32, bfloat16 or float16 params, got {p.dtype}")
 
 
 def _check_group(group):

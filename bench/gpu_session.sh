@@ -6,13 +6,17 @@
 #   bash bench/gpu_session.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck
 #   bash bench/gpu_session.sh bench      the host cost of step() (--host), then the full benchmark
 #                                        with the Triton sweep
+#   bash bench/gpu_session.sh bench-states
+#                                        fp32 against bf16 states (and SR params), gpt set, fp32
+#                                        and bf16 params: a call of its own, so the full benchmark
+#                                        and the sweep keep theirs
 #   bash bench/gpu_session.sh slow       the > 2^31-element test, and ncu on one step of each kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 case "$stage" in
-  test|sanitize|bench|slow) ;;
-  *) echo "usage: bash bench/gpu_session.sh test|sanitize|bench|slow" >&2; exit 2 ;;
+  test|sanitize|bench|bench-states|slow) ;;
+  *) echo "usage: bash bench/gpu_session.sh test|sanitize|bench|bench-states|slow" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
@@ -41,6 +45,15 @@ case "$stage" in
     # First: it is short, and its result survives a sweep that overruns the call.
     "$PY" -m bench --host --out "$OUT"
     "$PY" -m bench --sweep-triton --out "$OUT"
+    ;;
+  bench-states)
+    # Target: bf16 states at >= 90 % of copy bandwidth (24 B/el against 36: ~1.5x faster than
+    # fp32 states); extra MiB shows whether a step makes param-sized temporaries.
+    rows=cuda,cuda-bf16s,cuda-bf16s-sr,triton,triton-bf16s,triton-bf16s-sr
+    rows+=,cuda-graph,cuda-bf16s-graph,triton-graph,triton-bf16s-graph
+    # (the torch paths' SR draws its random bits in int64 temporaries: foreach only, as a peer)
+    rows+=,foreach,foreach-bf16s
+    "$PY" -m bench --sets gpt --dtypes fp32,bf16 --impls "$rows,authors,adamw-fused" --out "$OUT"
     ;;
   slow)
     "$PY" -m pytest -q -rs -m slow tests

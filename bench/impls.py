@@ -19,6 +19,7 @@ class Impl:
     default_on_cuda: bool = True
     ours: bool = False
     grad_passes: int = 0  # passes over the grads besides the step's own read (clipping)
+    bf16_params_only: bool = False  # stochastic param rounding: its fp32-param rows say why not
 
 
 def _ours(backend, **options):
@@ -46,6 +47,14 @@ def _ours_after_torch_clip(backend):
     return make
 
 
+# The bf16-state rows (issue #11): m1, m2, nu stored in bf16 and written with stochastic rounding
+# (SR), 12 B/el fewer than fp32 states; "-sr" also writes bf16 params with SR. A fixed seed keeps
+# the correctness guard's error the same from run to run. Only when named (--impls), so the
+# default run's length stays as it was; gpu_session.sh names them.
+_BF16_STATES = dict(state_dtype=torch.bfloat16, sr_seed=0)
+_SR_PARAMS = dict(_BF16_STATES, param_rounding="stochastic")
+_NAMED = dict(ours=True, default_on_cpu=False, default_on_cuda=False)
+
 IMPLS = [
     Impl("cuda", "ours cuda", _ours("cuda"), ours=True),
     Impl("triton", "ours triton", _ours("triton"), ours=True, cuda_only=True),
@@ -55,6 +64,23 @@ IMPLS = [
          cuda_only=True),
     Impl("triton-graph", "ours triton, CUDA graph", _ours("triton"), ours=True, graph=True,
          cuda_only=True),
+    Impl("cuda-bf16s", "ours cuda, bf16 states", _ours("cuda", **_BF16_STATES), **_NAMED),
+    Impl("triton-bf16s", "ours triton, bf16 states", _ours("triton", **_BF16_STATES),
+         cuda_only=True, **_NAMED),
+    Impl("foreach-bf16s", "ours foreach, bf16 states", _ours("foreach", **_BF16_STATES), **_NAMED),
+    Impl("single-bf16s", "ours single, bf16 states", _ours("single", **_BF16_STATES), **_NAMED),
+    Impl("cuda-bf16s-graph", "ours cuda, bf16 states, CUDA graph", _ours("cuda", **_BF16_STATES),
+         graph=True, cuda_only=True, **_NAMED),
+    Impl("triton-bf16s-graph", "ours triton, bf16 states, CUDA graph",
+         _ours("triton", **_BF16_STATES), graph=True, cuda_only=True, **_NAMED),
+    Impl("cuda-bf16s-sr", "ours cuda, bf16 states + SR params", _ours("cuda", **_SR_PARAMS),
+         bf16_params_only=True, **_NAMED),
+    Impl("triton-bf16s-sr", "ours triton, bf16 states + SR params", _ours("triton", **_SR_PARAMS),
+         bf16_params_only=True, cuda_only=True, **_NAMED),
+    Impl("foreach-bf16s-sr", "ours foreach, bf16 states + SR params",
+         _ours("foreach", **_SR_PARAMS), bf16_params_only=True, **_NAMED),
+    Impl("single-bf16s-sr", "ours single, bf16 states + SR params", _ours("single", **_SR_PARAMS),
+         bf16_params_only=True, **_NAMED),
     Impl("cuda-clip", "ours cuda, clipping fused", _ours("cuda", max_grad_norm=peers.MAX_GRAD_NORM),
          ours=True, grad_passes=1),
     Impl("cuda+torch-clip", "ours cuda after torch clip_grad_norm_",
@@ -87,6 +113,17 @@ def label_of(impl, device):
     if impl.key.startswith("cuda") and device.type == "cpu":
         return impl.label.replace("ours cuda", "ours cuda ext (CPU kernel)")
     return impl.label
+
+
+NOT_FOR_FP32_PARAMS = ("does not apply to fp32 params: param_rounding='stochastic' rounds bf16 "
+                       "params (the bf16 rows have it)")
+
+
+def why_not_for_dtype(impl, dtype_name):
+    """None if `impl` runs on params of `dtype_name` ("fp32", "bf16"), else the row's reason."""
+    if impl.bf16_params_only and dtype_name != "bf16":
+        return NOT_FOR_FP32_PARAMS
+    return None
 
 
 def why_not_run(impl, device, args):

@@ -19,10 +19,10 @@ import torch
 
 from bench import param_sets, peers
 from bench.environment import environment, pick_device
-from bench.impls import IMPL_KEYS, IMPLS, label_of, why_not_run
+from bench.impls import IMPL_KEYS, IMPLS, label_of, why_not_for_dtype, why_not_run
 from bench.peers import Unavailable
 from bench.report import Progress, first_line, fmt, pyplot, save_figure, text_table
-from bench.step import CHECK_STEPS, DTYPES, check, measure
+from bench.step import CHECK_STEPS, DTYPES, TOLERANCE, check, measure
 from bench.sweep import SWEEP_CONFIGS, parse_sweep_configs, sweep_summary, sweep_triton
 from bench.timing import copy_bandwidth, free
 
@@ -35,13 +35,13 @@ CPU_DEFAULT_PARAMS = "2M"
 def table(rows, copy_gbps, device):
     """The stdout table: one row per (impl, set, dtype), then the implementations that did not run."""
     cols = ["impl", "set", "dtype", "ms", "GB/s", "% copy bw", "x vs authors", "host us/step",
-            "extra MiB", "bytes formula / note"]
+            "extra MiB", "state MiB", "bytes formula / note"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             note = r["status"]
             body.append(((r["set"], r["dtype"]),
-                         [r["label"], r["set"], r["dtype"], "", "", "", "", "", "", note]))
+                         [r["label"], r["set"], r["dtype"], "", "", "", "", "", "", "", note]))
             continue
         note = r["formula"]
         if r.get("compile_s") is not None:
@@ -50,8 +50,9 @@ def table(rows, copy_gbps, device):
             r["label"], r["set"], r["dtype"], fmt(r["ms"], ".3f"),
             fmt(r["GBps"], ".1f" if r["GBps"] < 100 else ".0f"), fmt(r["pct_copy"], ".1f"),
             fmt(r.get("speedup"), ".2f"), fmt(r["host_us"], ".0f"),
-            fmt(r["extra_mib"], ".1f") if device.type == "cuda" else "n/a", note]))
-    return text_table(cols, body, right={3, 4, 5, 6, 7, 8})
+            fmt(r["extra_mib"], ".1f") if device.type == "cuda" else "n/a",
+            fmt(r["state_mib"], ".1f"), note]))
+    return text_table(cols, body, right={3, 4, 5, 6, 7, 8, 9})
 
 
 def plot(rows, path, title):
@@ -102,10 +103,7 @@ def plot(rows, path, title):
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    impl_list = "\n".join(f"  {i.key:<18} {i.label}" + (" (cpu only unless named)"
-                                                          if not i.default_on_cuda else "")
-                          + (f" (needs --{i.needs_flag})" if i.needs_flag else "")
-                          for i in IMPLS)
+    impl_list = "\n".join(f"  {i.key:<18} {i.label}" + _when_run(i) for i in IMPLS)
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description=textwrap.fill("Time one AdEMAMix optimizer step of our backends and of the peers: median ms, "
@@ -135,9 +133,9 @@ def parse_args(argv=None):
                    help="scale every set to about this many parameters (e.g. 355M, 4M, 2.5e6); "
                         f"default: full size on cuda, {CPU_DEFAULT_PARAMS} on cpu")
     p.add_argument("--dtypes", default=None,
-                   help="comma-separated param/grad dtypes: fp32, bf16 (our states stay fp32; "
-                        "peers keep states in the param dtype, as they do); default: fp32,bf16 "
-                        "(with --host: fp32)")
+                   help="comma-separated param/grad dtypes: fp32, bf16 (our states are fp32 "
+                        "except in the bf16-states rows; peers keep states in the param dtype, "
+                        "as they do); default: fp32,bf16 (with --host: fp32)")
     p.add_argument("--impls", default=None,
                    help="comma-separated implementations to run (default: all that apply to the "
                         "device; adamw-loop is cpu-only by default); see the list below")
@@ -212,6 +210,17 @@ def parse_args(argv=None):
         if v is not None and v < (0 if name in ("warmup", "host_steps") else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
+
+
+def _when_run(impl):
+    """The --help note on when `impl` runs without being named."""
+    if impl.needs_flag:
+        return f" (needs --{impl.needs_flag})"
+    if not impl.default_on_cpu and not impl.default_on_cuda:
+        return " (only when named)"
+    if not impl.default_on_cuda:
+        return " (cpu only unless named)"
+    return ""
 
 
 def _csv(text, allowed, flag, parser):
@@ -310,6 +319,12 @@ def main(argv=None):
                 row = dict(key=impl.key, label=label, algo=impl.algo, set=set_name,
                            dtype=dt_name, n_params=n_params, n_tensors=len(shapes),
                            graph=impl.graph)
+                not_for_dtype = why_not_for_dtype(impl, dt_name)
+                if not_for_dtype:
+                    row["status"] = not_for_dtype
+                    rows.append(row)
+                    progress(f"{set_name} {dt_name} {label}", advance=True)
+                    continue
                 try:
                     row.update(measure(impl, shapes, DTYPES[dt_name], device, args))
                     row["pct_copy"] = 100 * row["GBps"] / copy_gbps
@@ -346,13 +361,19 @@ def main(argv=None):
     print()
     print(f"copy bandwidth (read+write, {copy['what']}): {copy_gbps:.1f} GB/s; "
           f"% copy bw = GB/s of the row / this. GB/s = bytes formula x elements / median ms.")
-    bad = [k for k, v in checks.items() if v["status"] != "ok"]
+    not_checked = {k: v["status"] for k, v in checks.items() if v["status"].startswith("skipped")}
+    bad = [k for k, v in checks.items() if v["status"] != "ok" and k not in not_checked]
     if checks:
-        errs = ", ".join(f"{k} {v['rel_err']:.1e}" if "rel_err" in v else f"{k} {v['status']}"
-                         for k, v in checks.items())
+        errs = ", ".join(f"{k} {v['rel_err']:.1e}" + (f" (tol {v['tol']:.1e})"
+                                                     if v["tol"] != TOLERANCE else "")
+                         if "rel_err" in v else f"{k} {v['status']}"
+                         for k, v in checks.items() if k not in not_checked)
         print(f"correctness guard, max |dp - dp_authors| / max |dp_authors| over {CHECK_STEPS} "
-              f"fp32 steps: {errs}"
+              f"fp32 steps (tolerance {TOLERANCE:.0e} unless given): {errs}"
               + (f"  OUTSIDE TOLERANCE: {', '.join(bad)}" if bad else "  (all within tolerance)"))
+        for reason in dict.fromkeys(not_checked.values()):
+            keys = ", ".join(k for k, r in not_checked.items() if r == reason)
+            print(f"  not checked: {keys}: {reason.removeprefix('skipped: ')}")
     if sweep is not None:
         print(sweep_summary(sweep))
 

@@ -4,7 +4,9 @@ Covers the paths a sanitizer should see: several chunks per tensor (the step-cou
 blocks), empty and 1-element tensors, a misaligned view (the scalar path), bf16 params, beta1 == 0,
 grad_scale with found_inf set and clear, a tensor lr, a CUDA-graph capture and replay, and a plan
 built during a capture (grads allocated in the graph's pool) that an eager step uses before the
-first replay. Each backend's result is compared to the foreach backend; exits 1 on a mismatch.
+first replay; and bf16 states with stochastic rounding (bf16 params with SR too), eager and built
+in a capture. Each backend's result is compared to the foreach backend (which draws the same
+random bits); exits 1 on a mismatch.
 
     compute-sanitizer --tool memcheck python bench/sanitize.py
     compute-sanitizer --tool racecheck python bench/sanitize.py --backends cuda
@@ -21,12 +23,13 @@ SIZES = (0, 1, 3, 4097, 40000)  # 40000 spans three 16K-element chunks
 DEVICE = "cuda"
 
 
-def make_set(dtype, seed, beta1_zero):
+def make_set(dtype, seed, beta1_zero, state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=gen).to(DEVICE, dtype) for n in SIZES]
     params.append(torch.randn(40001, generator=gen).to(DEVICE, dtype)[1:])  # offset 1: misaligned
     grads = [torch.randn(p.shape, generator=gen).to(DEVICE, dtype) for p in params]
-    states = [[torch.rand(p.shape, generator=gen).to(DEVICE) for p in params] for _ in range(3)]
+    states = [[torch.rand(p.shape, generator=gen).to(DEVICE, state_dtype) for p in params]
+              for _ in range(3)]
     if beta1_zero:
         states[0] = None
     steps = [torch.full((), float(i), device=DEVICE) for i in range(len(params))]
@@ -37,15 +40,18 @@ def clone(xs):
     return None if xs is None else [x.clone() for x in xs]
 
 
-def run(backend, dtype, beta1_zero, graph):
-    """graph: None (eager), "warm" (plan built eagerly, then captured) or "in_capture"."""
-    params, grads, (m1, m2, nu), steps = make_set(dtype, 0, beta1_zero)
+def run(backend, dtype, beta1_zero, graph, state_dtype=torch.float32):
+    """graph: None (eager), "warm" (plan built eagerly, then captured) or "in_capture". bf16
+    states round stochastically, and so do bf16 params with them."""
+    params, grads, (m1, m2, nu), steps = make_set(dtype, 0, beta1_zero, state_dtype)
     lr = torch.tensor(1e-2, device=DEVICE)
     grad_scale = torch.tensor(4.0, device=DEVICE)
     found_inf = torch.zeros((), device=DEVICE)
     hyper = dict(beta1=0.0 if beta1_zero else 0.9, beta2=0.999, beta3=0.9999, alpha=5.0,
                  beta3_warmup=6, alpha_warmup=4, eps=1e-8, weight_decay=0.1, maximize=False,
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf, sr_seed=7,
+                 param_rounding="stochastic" if state_dtype == dtype == torch.bfloat16
+                 else "nearest")
     ref = [clone(params), clone(m1), clone(m2), clone(nu), clone(steps)]
 
     def step(on, lists):
@@ -55,7 +61,7 @@ def run(backend, dtype, beta1_zero, graph):
     if graph == "in_capture":
         # Kernels loaded on other tensors; the capture allocates its own grads (new addresses),
         # so the plan is built inside it; the first step is eager, before any replay.
-        spare = make_set(dtype, 1, beta1_zero)
+        spare = make_set(dtype, 1, beta1_zero, state_dtype)
         ademamix(spare[0], spare[1], *spare[2], spare[3], lr=lr, backend=backend, **hyper)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -104,16 +110,20 @@ def main():
             print(f"{backend}: not available: {reason}")
             failed = True
             continue
-        for dtype in (torch.float32, torch.bfloat16):
-            for beta1_zero in (False, True):
-                for graph in (None, "warm", "in_capture"):
-                    err = run(backend, dtype, beta1_zero, graph)
-                    # fp32: rounding over 5 steps (~1e-6); bf16 params: the two paths may round
-                    # a few elements one ulp (2^-8) apart, and the difference compounds
-                    ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
-                    failed |= not ok
-                    print(f"{backend:6s} {str(dtype):15s} beta1_zero={beta1_zero!s:5s} "
-                          f"graph={graph!s:10s} max rel err vs foreach {err:.2e} {'ok' if ok else 'MISMATCH'}")
+        cases = [(dtype, torch.float32, beta1_zero, graph) for dtype in (torch.float32, torch.bfloat16)
+                 for beta1_zero in (False, True) for graph in (None, "warm", "in_capture")]
+        cases += [(dtype, torch.bfloat16, False, graph) for dtype in (torch.float32, torch.bfloat16)
+                  for graph in (None, "in_capture")]
+        for dtype, state_dtype, beta1_zero, graph in cases:
+            err = run(backend, dtype, beta1_zero, graph, state_dtype)
+            # fp32: rounding over 5 steps (~1e-6); bf16 params or states: the two paths may round
+            # a few elements one ulp (2^-8) apart, and the difference compounds
+            exact = dtype == state_dtype == torch.float32
+            ok = err < (1e-5 if exact else 1e-2)
+            failed |= not ok
+            print(f"{backend:6s} {str(dtype):15s} states={str(state_dtype):15s} "
+                  f"beta1_zero={beta1_zero!s:5s} graph={graph!s:10s} max rel err vs foreach "
+                  f"{err:.2e} {'ok' if ok else 'MISMATCH'}")
     sys.exit(1 if failed else 0)
 
 

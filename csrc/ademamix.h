@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 
@@ -76,6 +77,113 @@ struct LaunchPlan {
   BlockCounter* counters;      // one per tensor
 };
 
+// ---------------------------------------------------------------------------------------------
+// Stochastic rounding (bf16 states, and bf16 params with param_sr). The 16 random bits of every
+// write come from a counter-based hash of (seed, tensor index in the call, step, element index):
+// no thread, block or launch geometry enters, so every backend draws the same bits. The torch
+// paths (ademamix_cuda/rounding.py) and Triton implement the same functions.
+
+ADEMAMIX_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+ADEMAMIX_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// A bijective 32-bit hash (two multiply-xorshift rounds). Both multipliers are below 2^31, so
+// torch's int64 arithmetic computes it without overflow. U is uint32_t, or (the CPU kernel) a
+// compiler vector of uint32_t lanes.
+template <class U>
+ADEMAMIX_HD U mix32(U x) {
+  x ^= x >> 16;
+  x = x * 0x21F0AAADu;
+  x ^= x >> 15;
+  x = x * 0x735A2D97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// The keys of one chunk's random bits: tensor `tensor` of the call, step t (the count after this
+// step), elements [e_hi * 2^32, (e_hi + 1) * 2^32) (a chunk never straddles such a boundary).
+struct SrKeys {
+  uint32_t k0, k1;
+};
+
+ADEMAMIX_HD SrKeys sr_keys(uint32_t seed_lo, uint32_t seed_hi, uint32_t tensor, uint32_t t,
+                           uint32_t e_hi) {
+  const uint32_t tensor_key = mix32(seed_hi ^ mix32(seed_lo ^ mix32(tensor ^ 0x9E3779B9u)));
+  const uint32_t step_key = mix32(tensor_key ^ mix32(t));
+  SrKeys k;
+  k.k0 = mix32(step_key ^ mix32(e_hi));
+  k.k1 = mix32(k.k0 ^ 0x85EBCA6Bu);
+  return k;
+}
+
+// The 64 random bits of element e_lo (the low word of its index): m1 takes r0's low half, m2
+// its high half, nu r1's low half and the param (with param_sr) r1's high half.
+struct SrBits {
+  uint32_t r0, r1;
+};
+
+ADEMAMIX_HD SrBits sr_bits(const SrKeys& k, uint32_t e_lo) {
+  return SrBits{mix32(e_lo ^ k.k0), mix32(e_lo ^ k.k1)};
+}
+
+// fp32 -> bf16 bits, rounded up with probability equal to the dropped fraction (unbiased):
+// r (16 random bits) is added below the kept bits. Non-finite values are kept as they are: a
+// NaN's payload plus r could carry into the sign and exponent (0x7FFFFFFF + 0xFFFF -> -0.0),
+// and a truncated NaN could read as an Inf, so a NaN gets its quiet bit set.
+ADEMAMIX_HD uint16_t round_bf16_sr(float x, uint32_t r) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7F800000u) != 0x7F800000u) {
+    return static_cast<uint16_t>((b + (r & 0xFFFFu)) >> 16);
+  }
+  return static_cast<uint16_t>((b >> 16) | ((b & 0x007FFFFFu) != 0 ? 0x0040u : 0u));
+}
+
+// bf16 kept as its bits: the storage of bf16 states, and of bf16 params written with SR.
+struct Bf16Bits {
+  uint16_t bits;
+};
+
+// expm1 from +, -, *, / and an exact power-of-two scale only, so that every backend (CUDA, the
+// host compilers, Triton compiled and interpreted) computes the same bits; libm's, CUDA's and
+// Triton's exp differ in their last bits. One branch-free path (a branch per range cost the CUDA
+// kernels registers): x = k ln2 + r with |r| <= 0.35 (ln2 split in two, the first part with few
+// bits so that k times it is exact), expm1(r) by its Taylor series to r^9 (truncation below
+// 1e-10 relative), then expm1(x) = 2^k expm1(r) + (2^k - 1), both terms exact for k = 0.
+// Accurate to a few fp32 ulps for x <= 0, every use here (the bias corrections and the beta3
+// warmup); below -30 the result is -1 (x = -inf, for beta2 = 0, included).
+ADEMAMIX_HD float expm1_f32(float x) {
+  x = fmaxf(x, -30.0f);
+  const float k = floorf(x * 0x1.715476p+0f + 0.5f);
+  const float r = (x - k * 0x1.63p-1f) - k * -0x1.bd0106p-13f;
+  float q = 0x1.71de3ap-19f;  // 1/9!
+  q = 0x1.a01a02p-16f + r * q;
+  q = 0x1.a01a02p-13f + r * q;
+  q = 0x1.6c16c2p-10f + r * q;
+  q = 0x1.111112p-7f + r * q;
+  q = 0x1.555556p-5f + r * q;
+  q = 0x1.555556p-3f + r * q;
+  q = 0.5f + r * q;
+  const float em1 = r + (r * r) * q;
+  const float scale = bits_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
+  return scale * em1 + (scale - 1.0f);
+}
+
 // Hyperparameters as the kernels see them. The host computes every difference and logarithm in
 // double and rounds once to float (1 - 0.9999 in fp32 would carry 3e-4 relative error).
 struct HyperParams {
@@ -90,6 +198,7 @@ struct HyperParams {
   float alpha, eps, weight_decay;
   float alpha_warmup, beta3_warmup;  // step counts, valid when the matching has_* is set
   bool has_alpha_warmup, has_beta3_warmup, maximize;
+  uint32_t seed_lo, seed_hi;  // of the random bits (used by the variants that round stochastically)
 };
 
 // 1-element fp32 tensors read once per chunk; each is read only in the variants that have it.
@@ -99,11 +208,15 @@ struct ScalarPtrs {
   const float* found_inf;
 };
 
-enum class ParamDtype { kFloat32, kBFloat16, kFloat16 };
+// kBFloat16Sr: bf16 params written with stochastic rounding (param_sr).
+enum class ParamDtype { kFloat32, kBFloat16, kFloat16, kBFloat16Sr };
+// The storage of m1, m2 and nu (one dtype for all three): bf16 states are written with SR.
+enum class StateDtype { kFloat32, kBFloat16 };
 
 // One launch of a kernel over a plan: what the CUDA kernel and the CPU kernels take.
 struct LaunchArgs {
   ParamDtype dtype;
+  StateDtype state_dtype;
   bool has_m1;
   LaunchPlan plan;    // in the memory of the tensors' device
   int64_t n_chunks;   // blocks; a CUDA grid size, <= INT32_MAX (checked by build_plan)
@@ -120,12 +233,18 @@ struct StepScalars {
   float inv_sqrt_bc2;
   float alpha_t;
   float beta3_t, one_minus_beta3_t;
+  SrKeys sr;  // the chunk's random-bit keys (variants that round stochastically)
 };
 
-// One compile-time variant of the step. Every variant runs the same functions below.
-template <typename Param, bool HasM1, bool HasGradScale, bool HasFoundInf, bool LrTensor>
+// One compile-time variant of the step. Every variant runs the same functions below. Param and
+// State are storage types: Bf16Bits stands for bf16 written with stochastic rounding.
+template <typename Param, typename State, bool HasM1, bool HasGradScale, bool HasFoundInf,
+          bool LrTensor>
 struct Variant {
   using param_t = Param;
+  using state_t = State;
+  static constexpr bool kRandom =
+      std::is_same<Param, Bf16Bits>::value || std::is_same<State, Bf16Bits>::value;
   static constexpr bool kHasM1 = HasM1;  // false iff beta1 == 0: m1 neither read nor written
   static constexpr bool kHasGradScale = HasGradScale;
   static constexpr bool kHasFoundInf = HasFoundInf;
@@ -142,13 +261,13 @@ void with_bool(bool b, F&& f) {
   }
 }
 
-template <typename Param, typename F>
+template <typename Param, typename State, typename F>
 void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool lr_tensor, F&& f) {
   with_bool(has_m1, [&](auto m1) {
     with_bool(has_grad_scale, [&](auto gs) {
       with_bool(has_found_inf, [&](auto fi) {
         with_bool(lr_tensor, [&](auto lt) {
-          f(Variant<Param, decltype(m1)::value, decltype(gs)::value, decltype(fi)::value,
+          f(Variant<Param, State, decltype(m1)::value, decltype(gs)::value, decltype(fi)::value,
                     decltype(lt)::value>{});
         });
       });
@@ -157,7 +276,7 @@ void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool
 }
 
 // Calls f(T{}) with T the storage type of param dtype `dtype`: Float, BFloat16 or Half, the
-// types of the compiler at hand (CUDA's or the host's).
+// types of the compiler at hand (CUDA's or the host's). kBFloat16Sr is dispatch_launch's.
 template <typename Float, typename BFloat16, typename Half, typename F>
 void dispatch_dtype(ParamDtype dtype, F&& f) {
   switch (dtype) {
@@ -170,6 +289,17 @@ void dispatch_dtype(ParamDtype dtype, F&& f) {
     case ParamDtype::kFloat16:
       f(Half{});
       break;
+    case ParamDtype::kBFloat16Sr:
+      break;  // grads and norms never are; launches dispatch it themselves
+  }
+}
+
+template <typename F>
+void dispatch_state(StateDtype dtype, F&& f) {
+  if (dtype == StateDtype::kBFloat16) {
+    f(Bf16Bits{});
+  } else {
+    f(float{});
   }
 }
 
@@ -178,9 +308,16 @@ template <typename Float, typename BFloat16, typename Half, typename F>
 void dispatch_launch(const LaunchArgs& a, F&& f) {
   const ScalarPtrs& d = a.scalars;
   const bool gs = d.grad_scale != nullptr, fi = d.found_inf != nullptr, lr = d.lr != nullptr;
-  dispatch_dtype<Float, BFloat16, Half>(a.dtype, [&](auto param) {
-    dispatch_variant<decltype(param)>(a.has_m1, gs, fi, lr, f);
-  });
+  const auto with_param = [&](auto param) {
+    dispatch_state(a.state_dtype, [&](auto state) {
+      dispatch_variant<decltype(param), decltype(state)>(a.has_m1, gs, fi, lr, f);
+    });
+  };
+  if (a.dtype == ParamDtype::kBFloat16Sr) {
+    with_param(Bf16Bits{});  // bf16 params written with SR
+  } else {
+    dispatch_dtype<Float, BFloat16, Half>(a.dtype, with_param);
+  }
 }
 
 // found_inf nonzero (NaN included) skips the whole step, step counts included.
@@ -193,10 +330,12 @@ ADEMAMIX_HD bool skip_step(const ScalarPtrs& d) {
   }
 }
 
-// The per-chunk scalar setup. t = old step + 1. bc1, bc2 and 1 - beta3_t come from expm1 of an
-// fp32 product of host-computed logarithms, which keeps them accurate to a few fp32 ulps.
+// The per-chunk scalar setup of chunk `chunk` (its first element's index) of tensor `tensor`
+// of the call. t = old step + 1. bc1, bc2 and 1 - beta3_t come from expm1 of an fp32 product of
+// host-computed logarithms, which keeps them accurate to a few fp32 ulps.
 template <class V>
-ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, float t) {
+ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, float t,
+                                     int32_t tensor, int64_t chunk_start) {
   StepScalars s;
   if constexpr (V::kLrTensor) {
     s.lr = *d.lr;
@@ -209,22 +348,28 @@ ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, 
   }
   s.grad_mult = h.maximize ? -grad_mult : grad_mult;
   if constexpr (V::kHasM1) {
-    s.inv_bc1 = 1.0f / -expm1f(t * h.ln_beta1);
+    s.inv_bc1 = 1.0f / -expm1_f32(t * h.ln_beta1);
   } else {
     s.inv_bc1 = 1.0f;
   }
-  s.inv_sqrt_bc2 = 1.0f / sqrtf(-expm1f(t * h.ln_beta2));
+  s.inv_sqrt_bc2 = 1.0f / sqrtf(-expm1_f32(t * h.ln_beta2));
   s.alpha_t = (h.has_alpha_warmup && t < h.alpha_warmup) ? h.alpha * t / h.alpha_warmup : h.alpha;
   if (h.has_beta3_warmup && t < h.beta3_warmup) {
     // beta3_t = 0.5^(1/(x+1)), x interpolating the half-lives of beta1 and beta3.
     const float a = t / h.beta3_warmup;
     const float x = (1.0f - a) * h.f_beta1 + a * h.f_beta3;
     const float ln_beta3_t = h.ln_half / (x + 1.0f);
-    s.beta3_t = expf(ln_beta3_t);
-    s.one_minus_beta3_t = -expm1f(ln_beta3_t);
+    s.one_minus_beta3_t = -expm1_f32(ln_beta3_t);
+    s.beta3_t = 1.0f - s.one_minus_beta3_t;
   } else {
     s.beta3_t = h.beta3;
     s.one_minus_beta3_t = h.one_minus_beta3;
+  }
+  if constexpr (V::kRandom) {
+    s.sr = sr_keys(h.seed_lo, h.seed_hi, static_cast<uint32_t>(tensor), static_cast<uint32_t>(t),
+                   static_cast<uint32_t>(static_cast<uint64_t>(chunk_start) >> 32));
+  } else {
+    s.sr = SrKeys{0u, 0u};
   }
   return s;
 }
@@ -258,12 +403,21 @@ ADEMAMIX_HD void ademamix_update(F& p, F g, F& m1, F& m2, F& nu, const HyperPara
   p = p - F(s.lr) * update;
 }
 
-// Param storage <-> fp32. The default serves float and c10::BFloat16 / c10::Half on the host
-// (their float constructors round to nearest even); the .cu specialises the CUDA types.
+// Param and state storage <-> fp32. The default serves float and c10::BFloat16 / c10::Half on
+// the host (their float constructors round to nearest even); the .cu specialises the CUDA types.
+// from_float takes the element's 16 random bits, which only Bf16Bits (SR) reads.
 template <typename T>
 struct Cast {
   static ADEMAMIX_HD float to_float(T v) { return static_cast<float>(v); }
-  static ADEMAMIX_HD T from_float(float v) { return static_cast<T>(v); }
+  static ADEMAMIX_HD T from_float(float v, uint32_t /*random*/) { return static_cast<T>(v); }
+};
+
+template <>
+struct Cast<Bf16Bits> {
+  static ADEMAMIX_HD float to_float(Bf16Bits v) { return bits_float(uint32_t{v.bits} << 16); }
+  static ADEMAMIX_HD Bf16Bits from_float(float v, uint32_t random) {
+    return Bf16Bits{round_bf16_sr(v, random)};
+  }
 };
 
 // N consecutive elements moved as one access (16 B for N = 4 fp32).
@@ -282,69 +436,81 @@ ADEMAMIX_HD T* assume_global(T* p) {
   return p;
 }
 
-// The five arrays of one chunk, already offset to the chunk's first element.
-template <typename T>
+// The five arrays of one chunk, already offset to the chunk's first element, and the low word
+// of that element's index in its tensor (the counter of the random bits).
+template <class V>
 struct ChunkPtrs {
+  using T = typename V::param_t;
+  using S = typename V::state_t;
   T* param;
-  const T* grad;
-  float* m1;
-  float* m2;
-  float* nu;
+  const T* grad;  // grads of Bf16Bits params are bf16, read as their bits
+  S* m1;
+  S* m2;
+  S* nu;
+  uint32_t first_lo;
 };
 
 // Updates Unroll groups of N consecutive elements: groups first, first + kBlockSize, ...
 // All loads are issued before any math so that they are in flight together; `scalars` is
 // called after the loads, so the per-chunk scalar math of a thread's first groups overlaps them.
 template <class V, int N, int Unroll, class Scalars>
-ADEMAMIX_HD void update_groups(const ChunkPtrs<typename V::param_t>& c, int first,
-                               const HyperParams& h, Scalars&& scalars) {
+ADEMAMIX_HD void update_groups(const ChunkPtrs<V>& c, int first, const HyperParams& h,
+                               Scalars&& scalars) {
   using T = typename V::param_t;
+  using S = typename V::state_t;
   using PackT = Packed<T, N>;
-  using PackF = Packed<float, N>;
+  using PackS = Packed<S, N>;
   PackT p[Unroll], g[Unroll];
-  PackF m1[Unroll], m2[Unroll], nu[Unroll];
+  PackS m1[Unroll], m2[Unroll], nu[Unroll];
   ADEMAMIX_UNROLL
   for (int u = 0; u < Unroll; ++u) {
     const int e = (first + u * kBlockSize) * N;
     p[u] = *reinterpret_cast<const PackT*>(c.param + e);
     g[u] = *reinterpret_cast<const PackT*>(c.grad + e);
     if constexpr (V::kHasM1) {
-      m1[u] = *reinterpret_cast<const PackF*>(c.m1 + e);
+      m1[u] = *reinterpret_cast<const PackS*>(c.m1 + e);
     }
-    m2[u] = *reinterpret_cast<const PackF*>(c.m2 + e);
-    nu[u] = *reinterpret_cast<const PackF*>(c.nu + e);
+    m2[u] = *reinterpret_cast<const PackS*>(c.m2 + e);
+    nu[u] = *reinterpret_cast<const PackS*>(c.nu + e);
   }
   const StepScalars& s = scalars();
   ADEMAMIX_UNROLL
   for (int u = 0; u < Unroll; ++u) {
+    const int e = (first + u * kBlockSize) * N;
     ADEMAMIX_UNROLL
     for (int i = 0; i < N; ++i) {
+      SrBits r{0u, 0u};
+      if constexpr (V::kRandom) {
+        r = sr_bits(s.sr, c.first_lo + static_cast<uint32_t>(e + i));
+      }
       float pf = Cast<T>::to_float(p[u].v[i]);
       float m1f = 0.0f;
       if constexpr (V::kHasM1) {
-        m1f = m1[u].v[i];
+        m1f = Cast<S>::to_float(m1[u].v[i]);
       }
-      ademamix_update<V, float>(pf, Cast<T>::to_float(g[u].v[i]), m1f, m2[u].v[i], nu[u].v[i], h,
-                                s);
-      p[u].v[i] = Cast<T>::from_float(pf);
+      float m2f = Cast<S>::to_float(m2[u].v[i]);
+      float nuf = Cast<S>::to_float(nu[u].v[i]);
+      ademamix_update<V, float>(pf, Cast<T>::to_float(g[u].v[i]), m1f, m2f, nuf, h, s);
+      p[u].v[i] = Cast<T>::from_float(pf, r.r1 >> 16);
       if constexpr (V::kHasM1) {
-        m1[u].v[i] = m1f;
+        m1[u].v[i] = Cast<S>::from_float(m1f, r.r0);
       }
+      m2[u].v[i] = Cast<S>::from_float(m2f, r.r0 >> 16);
+      nu[u].v[i] = Cast<S>::from_float(nuf, r.r1);
     }
-    const int e = (first + u * kBlockSize) * N;
     *reinterpret_cast<PackT*>(c.param + e) = p[u];
     if constexpr (V::kHasM1) {
-      *reinterpret_cast<PackF*>(c.m1 + e) = m1[u];
+      *reinterpret_cast<PackS*>(c.m1 + e) = m1[u];
     }
-    *reinterpret_cast<PackF*>(c.m2 + e) = m2[u];
-    *reinterpret_cast<PackF*>(c.nu + e) = nu[u];
+    *reinterpret_cast<PackS*>(c.m2 + e) = m2[u];
+    *reinterpret_cast<PackS*>(c.nu + e) = nu[u];
   }
 }
 
 // Runs update_groups<V, N, Unroll> over the groups tid, tid + kBlockSize, ... below n_groups,
 // then the remaining ones one at a time.
 template <class V, int N, int Unroll, class Scalars>
-ADEMAMIX_HD void update_strided(const ChunkPtrs<typename V::param_t>& c, int tid, int n_groups,
+ADEMAMIX_HD void update_strided(const ChunkPtrs<V>& c, int tid, int n_groups,
                                 const HyperParams& h, Scalars&& scalars) {
   int group = tid;
   for (; group + (Unroll - 1) * kBlockSize < n_groups; group += Unroll * kBlockSize) {
@@ -362,13 +528,15 @@ template <class V, class GetScalars>
 ADEMAMIX_HD void update_chunk_share(const TensorRecord& rec, int64_t chunk, int len, int tid,
                                     const HyperParams& h, GetScalars&& get_scalars) {
   using T = typename V::param_t;
+  using S = typename V::state_t;
   const int64_t start = chunk * kChunkSize;
-  ChunkPtrs<T> c;
+  ChunkPtrs<V> c;
   c.param = assume_global(static_cast<T*>(rec.ptr[kParamIdx]) + start);
   c.grad = assume_global(static_cast<const T*>(rec.ptr[kGradIdx]) + start);
-  c.m1 = V::kHasM1 ? assume_global(static_cast<float*>(rec.ptr[kExpAvgFastIdx]) + start) : nullptr;
-  c.m2 = assume_global(static_cast<float*>(rec.ptr[kExpAvgSlowIdx]) + start);
-  c.nu = assume_global(static_cast<float*>(rec.ptr[kExpAvgSqIdx]) + start);
+  c.m1 = V::kHasM1 ? assume_global(static_cast<S*>(rec.ptr[kExpAvgFastIdx]) + start) : nullptr;
+  c.m2 = assume_global(static_cast<S*>(rec.ptr[kExpAvgSlowIdx]) + start);
+  c.nu = assume_global(static_cast<S*>(rec.ptr[kExpAvgSqIdx]) + start);
+  c.first_lo = static_cast<uint32_t>(start);
   StepScalars s;
   bool have_s = false;
   const auto scalars = [&]() -> const StepScalars& {
@@ -489,7 +657,9 @@ ADEMAMIX_HD void step_block(const LaunchPlan& plan, int64_t block, const HyperPa
   const int len = chunk_length(rec.numel, chunk.chunk);
   b.for_each_thread(len, [&](int tid) {
     update_chunk_share<V>(rec, chunk.chunk, len, tid, h, [&] {
-      return b.scalars([&] { return step_scalars<V>(h, d, old_step + 1.0f); });
+      return b.scalars([&] {
+        return step_scalars<V>(h, d, old_step + 1.0f, chunk.tensor, chunk.chunk * kChunkSize);
+      });
     });
   });
   b.sync();  // all threads of this block have read the step

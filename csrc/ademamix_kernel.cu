@@ -14,7 +14,7 @@ namespace ademamix {
 template <>
 struct Cast<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v, uint32_t /*random*/) {
     return __float2bfloat16_rn(v);
   }
 };
@@ -22,7 +22,9 @@ struct Cast<__nv_bfloat16> {
 template <>
 struct Cast<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half from_float(float v, uint32_t /*random*/) {
+    return __float2half_rn(v);
+  }
 };
 
 namespace {

@@ -104,12 +104,25 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   if (a.found_inf != nullptr) {
     check_scalar_tensor(*a.found_inf, "found_inf", device);
   }
+  TORCH_CHECK(!a.param_sr || dtype == at::kBFloat16, kOp,
+              "param_sr (stochastic rounding of the params) needs bfloat16 params, got ", dtype);
+  // One state dtype per call, that of the first exp_avg_slow.
+  TORCH_CHECK(a.lists[kExpAvgSlowIdx][0].defined(), kOp, "exp_avg_slows[0] is undefined");
+  const at::ScalarType state_dtype = a.lists[kExpAvgSlowIdx][0].scalar_type();
+  TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16, kOp,
+              "states must be float32 or bfloat16, got ", state_dtype, " for exp_avg_slows[0]");
+  TORCH_CHECK(a.sr_seed.has_value() || (state_dtype == at::kFloat && !a.param_sr), kOp,
+              "sr_seed is required with bfloat16 states or param_sr (it keys the random bits of "
+              "the stochastic rounding)");
+  TORCH_CHECK(!a.sr_seed.has_value() || *a.sr_seed >= 0, kOp, "sr_seed must be >= 0, got ",
+              *a.sr_seed);
 
   key.words.clear();
   key.words.reserve(PlanKey::kHeaderWords + n * PlanKey::kWordsPerTensor);
   key.words.push_back(static_cast<uintptr_t>(device.index()));
   key.words.push_back(static_cast<uintptr_t>(params[0].element_size()));
   key.words.push_back(PlanKey::kStepPlan);
+  key.words.push_back(static_cast<uintptr_t>(at::elementSize(state_dtype)));
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_on_device(p, "params", i, device);
@@ -126,10 +139,11 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
       }
       const at::Tensor& t = a.lists[k][i];
       check_on_device(t, kListNames[k], i, device);
-      const at::ScalarType want = k == kGradIdx ? dtype : at::kFloat;
+      const at::ScalarType want = k == kGradIdx ? dtype : state_dtype;
       TORCH_CHECK(t.scalar_type() == want, kOp, kListNames[k], "[", i, "] must be ", want,
-                  k == kGradIdx ? " (the dtype of its param)" : " (states are fp32)", ", got ",
-                  t.scalar_type());
+                  k == kGradIdx ? " (the dtype of its param)"
+                                : " (one state dtype per call: that of exp_avg_slows[0])",
+                  ", got ", t.scalar_type());
       TORCH_CHECK(t.sizes() == p.sizes(), kOp, kListNames[k], "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has shape ", p.sizes());
       check_layout(t, kListNames[k], i, p, p_contiguous);
@@ -169,6 +183,7 @@ bool check_norm_args(at::TensorList grads, c10::DeviceType device_type, PlanKey&
   key.words.push_back(static_cast<uintptr_t>(device.index()));
   key.words.push_back(static_cast<uintptr_t>(grads[0].element_size()));
   key.words.push_back(PlanKey::kNormPlan);
+  key.words.push_back(sizeof(float));
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     check_on_device(g, "grads", i, device);
@@ -210,6 +225,9 @@ HyperParams make_hyper_params(const StepArgs& a) {
   h.has_beta3_warmup = a.beta3_warmup.has_value();
   h.beta3_warmup = h.has_beta3_warmup ? static_cast<float>(*a.beta3_warmup) : 0.0f;
   h.maximize = a.maximize;
+  const uint64_t seed = static_cast<uint64_t>(a.sr_seed.value_or(0));
+  h.seed_lo = static_cast<uint32_t>(seed);
+  h.seed_hi = static_cast<uint32_t>(seed >> 32);
   return h;
 }
 
@@ -235,7 +253,9 @@ ParamDtype param_dtype(at::ScalarType t) {
 
 LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& view) {
   LaunchArgs la;
-  la.dtype = param_dtype(a.lists[kParamIdx][0].scalar_type());
+  la.dtype = a.param_sr ? ParamDtype::kBFloat16Sr
+                        : param_dtype(a.lists[kParamIdx][0].scalar_type());
+  la.state_dtype = key.state_elem_size() == 2 ? StateDtype::kBFloat16 : StateDtype::kFloat32;
   la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
   la.plan = view.launch_plan();
   la.n_chunks = view.n_chunks;
@@ -272,6 +292,7 @@ struct Region {
 void check_disjoint(const PlanKey& key) {
   const size_t n = key.n_tensors();
   const size_t elem = key.param_elem_size();
+  const size_t state_elem = key.state_elem_size();
   std::vector<Region> regions;
   regions.reserve(n * (kNumLists + 1));
   for (size_t i = 0; i < n; ++i) {
@@ -279,7 +300,7 @@ void check_disjoint(const PlanKey& key) {
     const size_t numel = w[kNumLists + 1];
     for (int k = 0; k < kNumLists && numel > 0; ++k) {
       if (w[k] != 0) {
-        const size_t bytes = numel * (k == kParamIdx || k == kGradIdx ? elem : sizeof(float));
+        const size_t bytes = numel * (k == kParamIdx || k == kGradIdx ? elem : state_elem);
         regions.push_back(Region{w[k], w[k] + bytes, k, i});
       }
     }
@@ -311,8 +332,9 @@ Plan build_plan(const PlanKey& key) {
   TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), kOp,
               "too many tensors");
   check_disjoint(key);
-  // The vector path reads kVecElems elements per access: 16 B of fp32 state, kVecElems params.
+  // The vector path reads kVecElems elements per access of every list.
   const uintptr_t param_align = kVecElems * key.param_elem_size();
+  const uintptr_t state_align = kVecElems * key.state_elem_size();
   Plan plan;
   plan.tensors.resize(n);
   int64_t total_chunks = 0;
@@ -323,7 +345,7 @@ Plan build_plan(const PlanKey& key) {
     bool aligned = true;
     for (int k = 0; k < kNumLists; ++k) {
       r.ptr[k] = reinterpret_cast<void*>(w[k]);
-      const uintptr_t align = k == kParamIdx || k == kGradIdx ? param_align : 16;
+      const uintptr_t align = k == kParamIdx || k == kGradIdx ? param_align : state_align;
       aligned = aligned && w[k] % align == 0;
     }
     r.step = reinterpret_cast<float*>(w[kNumLists]);
@@ -481,19 +503,24 @@ at::Tensor norm_partials_no_backend(at::TensorList grads, bool /*inf_norm*/) {
 
 }  // namespace
 
+// States (m1, m2, nu) are all float32 or all bfloat16; bf16 states are written with stochastic
+// rounding, and so are bf16 params with param_sr. The random bits are keyed by sr_seed (required
+// then), the tensor's index in the lists, the step and the element index (csrc/ademamix.h).
 TORCH_LIBRARY(ademamix, m) {
   m.def(
       "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_fasts, "
       "Tensor(c!)[] exp_avg_slows, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int? sr_seed=None, "
+      "bool param_sr=False) -> ()");
   m.def(
       "step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_fasts, "
       "Tensor(c!)[] exp_avg_slows, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, *, "
       "Tensor lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int? sr_seed=None, "
+      "bool param_sr=False) -> ()");
   // One fp32 partial per chunk of the grads: sums of squares (the 2-norm) or largest magnitudes
   // (inf_norm). The grads are only read.
   m.def("grad_norm_partials(Tensor[] grads, bool inf_norm) -> Tensor");

@@ -28,19 +28,23 @@ struct StepArgs {
   bool maximize;
   const at::Tensor* grad_scale;  // null when absent
   const at::Tensor* found_inf;   // null when absent
+  std::optional<int64_t> sr_seed;  // the random bits' seed: required with bf16 states or param_sr
+  bool param_sr;                   // bf16 params written with stochastic rounding
 };
 
 // What a plan is made of, gathered while the arguments are checked (one pass over the
-// tensors): the device, the param element size and the plan's kind, then per tensor its five
+// tensors): the device, the param element size, the plan's kind and the state element size
+// (4 or 2; 4 in a norm plan), then per tensor its five
 // data pointers (0 for an absent m1), its step pointer and numel. The plan caches compare keys
 // in full. A norm plan (kind kNormPlan) holds only grads: the other pointers are 0.
 struct PlanKey {
   static constexpr uintptr_t kStepPlan = 0, kNormPlan = 1;
-  static constexpr size_t kHeaderWords = 3;
+  static constexpr size_t kHeaderWords = 4;
   static constexpr size_t kWordsPerTensor = kNumLists + 2;
   std::vector<uintptr_t> words;
   size_t n_tensors() const { return (words.size() - kHeaderWords) / kWordsPerTensor; }
   size_t param_elem_size() const { return words[1]; }
+  size_t state_elem_size() const { return words[3]; }
   const uintptr_t* tensor_words(size_t i) const {
     return words.data() + kHeaderWords + i * kWordsPerTensor;
   }
@@ -163,7 +167,8 @@ void step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              Lr lr, double beta1, double beta2, double beta3, double alpha,
              std::optional<int64_t> beta3_warmup, std::optional<int64_t> alpha_warmup, double eps,
              double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
-             const std::optional<at::Tensor>& found_inf) {
+             const std::optional<at::Tensor>& found_inf, std::optional<int64_t> sr_seed,
+             bool param_sr) {
   StepArgs args{{params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs},
                 state_steps,
                 0.0,
@@ -178,7 +183,9 @@ void step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
                 weight_decay,
                 maximize,
                 grad_scale.has_value() ? &*grad_scale : nullptr,
-                found_inf.has_value() ? &*found_inf : nullptr};
+                found_inf.has_value() ? &*found_inf : nullptr,
+                sr_seed,
+                param_sr};
   if constexpr (std::is_same_v<Lr, double>) {
     args.lr = lr;
   } else {

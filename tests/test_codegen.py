@@ -4,8 +4,9 @@ CUDA: the SASS and resource usage (cuobjdump) of every ademamix_step_kernel vari
 extension: registers for the occupancy the kernel is built for, no local memory, and 128-bit
 global accesses in the vector path. Triton: _ademamix_kernel compiled for sm_90 in a subprocess
 (conftest turns the interpreter on, and interpreted functions cannot be compiled): vector loads in
-the PTX of the aligned variants (every param dtype, with and without m1 and grad scaling), no local
-memory in their cubin, and registers that let 3 programs share an SM.
+the PTX of the aligned variants (every param dtype, fp32 and bf16 states, param_sr, with and
+without m1 and grad scaling), no contracted float multiply-add in it, no local memory in their
+cubin, and registers that let 3 programs share an SM.
 
 The parsers and checkers are pure functions of the tools' text, so the synthetic tests at the end
 can feed them broken kernels and show that every gate fails when it should.
@@ -37,8 +38,10 @@ MIN_BLOCKS_PER_SM = 3
 # A vector access of the state arrays: 16 bytes (4 fp32) per thread.
 VECTOR_BITS = 128
 
-# Itanium mangling of the Variant's Param argument -> storage bytes.
-PARAM_BYTES = {"f": 4, "13__nv_bfloat16": 2, "6__half": 2}
+# The Variant's Param and State arguments (Itanium mangling, Bf16Bits by its name: bf16 written
+# with stochastic rounding) -> storage bytes.
+PARAM_BYTES = {"f": 4, "13__nv_bfloat16": 2, "6__half": 2, "Bf16Bits": 2}
+STATE_BYTES = {"f": 4, "Bf16Bits": 2}
 FP32 = "f"
 
 
@@ -173,22 +176,30 @@ def local_memory_failures(what, f):
 # ---------------------------------------------------------------------------------------------
 # the CUDA step kernels
 
-# ademamix_step_kernel<Variant<Param, HasM1, HasGradScale, HasFoundInf, LrTensor>>: the Param
-# argument and the bools (Lb0E / Lb1E), HasM1 first.
+# ademamix_step_kernel<Variant<Param, State, HasM1, HasGradScale, HasFoundInf, LrTensor>>: the
+# Param and State arguments and the bools (Lb0E / Lb1E), HasM1 first. Bf16Bits is mangled
+# NS_8Bf16BitsE, or as a back-reference (S<n>_) when Param is Bf16Bits too.
 _STEP_VARIANT = re.compile(
-    r"ademamix_step_kernelI.*?VariantI(f|13__nv_bfloat16|6__half)((?:Lb[01]E)+)")
+    r"ademamix_step_kernelI.*?VariantI(f|13__nv_bfloat16|6__half|NS_8Bf16BitsE)"
+    r"(f|NS_8Bf16BitsE|S\d*_)((?:Lb[01]E)+)")
+
+
+def _storage(token):
+    return "Bf16Bits" if token == "NS_8Bf16BitsE" or token.startswith("S") else token
 
 
 def decode_step_variant(name):
-    """Mangled kernel name -> (param, (HasM1, HasGradScale, ...)) or None."""
+    """Mangled kernel name -> (param, state, (HasM1, HasGradScale, ...)) or None."""
     m = _STEP_VARIANT.search(name)
     if m is None:
         return None
-    return m.group(1), tuple(int(b) for b in re.findall(r"Lb([01])E", m.group(2)))
+    return (_storage(m.group(1)), _storage(m.group(2)),
+            tuple(int(b) for b in re.findall(r"Lb([01])E", m.group(3))))
 
 
 def step_variants(findings):
-    """{(arch, param, flags): findings} of the step kernels, and the names that did not decode."""
+    """{(arch, param, state, flags): findings} of the step kernels, and the names that did not
+    decode."""
     variants, undecoded = {}, []
     for (arch, name), f in findings.items():
         if "ademamix_step_kernel" not in name:
@@ -207,43 +218,47 @@ def check_step_kernels(findings, max_regs):
     failures = [f"cannot decode the Variant of kernel {n}" for n in undecoded]
     if not variants:
         return failures + ["no ademamix_step_kernel in the extension"]
-    for arch in sorted({a for a, _, _ in variants}, key=str):
-        have = {(p, flags[0]) for a, p, flags in variants if a == arch}
-        missing = set(itertools.product(PARAM_BYTES, (0, 1))) - have
-        failures += [f"{arch}: no step kernel for Param={p} HasM1={m1}"
-                     for p, m1 in sorted(missing)]
+    for arch in sorted({a for a, *_ in variants}, key=str):
+        have = {(p, st, flags[0]) for a, p, st, flags in variants if a == arch}
+        missing = set(itertools.product(PARAM_BYTES, STATE_BYTES, (0, 1))) - have
+        failures += [f"{arch}: no step kernel for Param={p} State={st} HasM1={m1}"
+                     for p, st, m1 in sorted(missing)]
 
-    for (arch, param, flags), f in sorted(variants.items(), key=str):
-        what = f"{arch} Variant<{param}, {', '.join(map(str, flags))}>"
+    for (arch, param, state, flags), f in sorted(variants.items(), key=str):
+        what = f"{arch} Variant<{param}, {state}, {', '.join(map(str, flags))}>"
         if f.regs > max_regs:
             failures.append(f"{what}: {f.regs} registers > {max_regs}, fewer than "
                             f"{MIN_BLOCKS_PER_SM} blocks fit on an SM")
         failures += local_memory_failures(what, f)
-        # Per vector group: one 16-byte access per fp32 state (m2, nu, and m1 when HasM1); fp32
-        # params and grads are 16 bytes of 4 elements too. A scalar vector path has none.
+        # Per vector group of 4 elements: one 16-byte access per fp32 array (each state: m2, nu,
+        # and m1 when HasM1; params and grads when fp32), one 8-byte access per 2-byte array. A
+        # scalar vector path has none.
         n_states = 2 + flags[0]
-        fp32 = PARAM_BYTES[param] == 4
-        want_loads, want_stores = n_states + 2 * fp32, n_states + fp32
+        fp32_param, fp32_state = PARAM_BYTES[param] == 4, STATE_BYTES[state] == 4
+        want_loads = n_states * fp32_state + 2 * fp32_param
+        want_stores = n_states * fp32_state + fp32_param
         if wide(f.loads) < want_loads:
             failures.append(f"{what}: {wide(f.loads)} 128-bit global loads, expected at least "
                             f"{want_loads} (vector path lost?) {dict(f.loads)}")
         if wide(f.stores) < want_stores:
             failures.append(f"{what}: {wide(f.stores)} 128-bit global stores, expected at least "
                             f"{want_stores} (vector path lost?) {dict(f.stores)}")
-        if not fp32:
-            # 4 two-byte elements are one 64-bit access. The kernel's own bookkeeping (its records,
-            # the chunk counter) may use 64-bit accesses as well, identically in every Param: the
-            # excess over the fp32 kernel with the same flags is the param/grad traffic.
-            base = variants.get((arch, FP32, flags))
+        if not (fp32_param and fp32_state):
+            # The kernel's own bookkeeping (its records, the chunk counter) may use 64-bit
+            # accesses as well, identically in every variant: the excess over the fp32 kernel
+            # with the same flags is the traffic of the 2-byte arrays.
+            base = variants.get((arch, FP32, FP32, flags))
             if base is None:
                 failures.append(f"{what}: no fp32 kernel with the same flags to compare with")
                 continue
+            need_loads = 2 * (not fp32_param) + n_states * (not fp32_state)
+            need_stores = (not fp32_param) + n_states * (not fp32_state)
             extra_loads = f.loads[64] - base.loads[64]
             extra_stores = f.stores[64] - base.stores[64]
-            if extra_loads < 2 or extra_stores < 1:
+            if extra_loads < need_loads or extra_stores < need_stores:
                 failures.append(f"{what}: {extra_loads} 64-bit loads and {extra_stores} 64-bit "
-                                f"stores beyond the fp32 kernel's, expected >= 2 (param, grad) "
-                                f"and >= 1 (param)")
+                                f"stores beyond the fp32 kernel's, expected >= {need_loads} and "
+                                f">= {need_stores} (the 2-byte params, grads and states)")
     return failures
 
 
@@ -251,9 +266,9 @@ def step_kernel_table(findings):
     """One line per step kernel, for the log of a failing run."""
     variants, _ = step_variants(findings)
     return "\n".join(
-        f"{arch} {param:>15} flags={''.join(map(str, flags))} REG:{f.regs} "
+        f"{arch} {param:>15} {state:>8} flags={''.join(map(str, flags))} REG:{f.regs} "
         f"LDG128:{wide(f.loads)} STG128:{wide(f.stores)} LDG64:{f.loads[64]} STG64:{f.stores[64]}"
-        for (arch, param, flags), f in sorted(variants.items(), key=str))
+        for (arch, param, state, flags), f in sorted(variants.items(), key=str))
 
 
 def extension_path():
@@ -280,8 +295,10 @@ def test_cuda_step_kernels_sass():
 # the Triton kernel
 
 # Compiles _ademamix_kernel the way a launch specialises it: pointers 16-byte aligned (torch
-# storages and the 64-byte table rows), Python floats as fp32. Writes <tag>.ptx, <tag>.cubin and
-# meta.json (the launch configuration) into argv[1].
+# storages and the 64-byte table rows), Python floats as fp32, the seed words as int32, the block
+# of the variant (SR_BLOCK_SIZE for the ones that round stochastically), the launch's options
+# (warps, register cap, no fp fusion unless the variant asks for it). Writes <tag>.ptx,
+# <tag>.cubin and meta.json (the launch configuration) into argv[1].
 _TRITON_COMPILE = r"""
 import json, sys
 from pathlib import Path
@@ -294,16 +311,21 @@ out, variants = Path(sys.argv[1]), json.loads(sys.argv[2])
 fn = mod._ademamix_kernel
 pointers = {"table_ptr": "*i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32"}
+ints = {"seed_lo": "i32", "seed_hi": "i32"}
+blocks = {}
 for tag, v in variants.items():
-    constexprs = dict(v["flags"], P_DTYPE=getattr(tl, v["dtype"]), BLOCK=mod.BLOCK_SIZE)
-    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "fp32")
+    sr = v["flags"]["BF16_STATES"] or v["flags"]["PARAM_SR"]
+    blocks[tag] = mod.SR_BLOCK_SIZE if sr else mod.BLOCK_SIZE
+    constexprs = dict(v["flags"], P_DTYPE=getattr(tl, v["dtype"]), BLOCK=blocks[tag])
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, ints.get(a, "fp32"))
                  for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mod.NUM_WARPS})
+    options = dict(mod._update_options(), enable_fp_fusion=v.get("fp_fusion", False))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     (out / f"{tag}.ptx").write_text(k.asm["ptx"])
     (out / f"{tag}.cubin").write_bytes(k.asm["cubin"])
-(out / "meta.json").write_text(json.dumps({"block": mod.BLOCK_SIZE, "num_warps": mod.NUM_WARPS,
+(out / "meta.json").write_text(json.dumps({"blocks": blocks, "num_warps": mod.NUM_WARPS,
                                            "triton": triton.__version__}))
 """
 
@@ -311,32 +333,54 @@ _TRITON_FLAGS = dict(HAS_M1=True, MAXIMIZE=False, LR_IS_TENSOR=False, HAS_GRAD_S
                      HAS_FOUND_INF=False)
 PARAM_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-# Every param dtype x HAS_M1 x HAS_GRAD_SCALE, aligned, the other flags off; and per dtype the
+# Storage variants: (param dtype, bf16 states, param_sr). bf16 states and param_sr round
+# stochastically.
+TRITON_STORAGE = ([(dtype, False, False) for dtype in PARAM_DTYPE_BYTES]
+                  + [("float32", True, False), ("bfloat16", True, False), ("bfloat16", True, True),
+                     ("bfloat16", False, True)])
+
+
+def _storage_tag(dtype, bf16_states, param_sr):
+    return _SHORT[dtype] + "_bf16states" * bf16_states + "_psr" * param_sr
+
+
+def _triton_variant(dtype, bf16_states, param_sr, **flags):
+    return dict(dtype=dtype, flags=dict(_TRITON_FLAGS, **flags, BF16_STATES=bf16_states,
+                                        PARAM_SR=param_sr, ALIGNED=True))
+
+
+# Every storage x HAS_M1 x HAS_GRAD_SCALE, aligned, the other flags off; and per storage the
 # variant with every flag on. ptxas' register choice is not monotone in the code (a bf16 kernel
 # spilled at 80 registers where a 72-register cap fits), so each variant is compiled, not inferred.
 TRITON_VARIANTS = {
-    f"{_SHORT[dtype]}_m1{m1}_gs{gs}_aligned": dict(
-        dtype=dtype, flags=dict(_TRITON_FLAGS, HAS_M1=bool(m1), HAS_GRAD_SCALE=bool(gs),
-                                ALIGNED=True))
-    for dtype, m1, gs in itertools.product(PARAM_DTYPE_BYTES, (0, 1), (0, 1))
+    f"{_storage_tag(*storage)}_m1{m1}_gs{gs}_aligned": _triton_variant(
+        *storage, HAS_M1=bool(m1), HAS_GRAD_SCALE=bool(gs))
+    for storage, m1, gs in itertools.product(TRITON_STORAGE, (0, 1), (0, 1))
 }
 TRITON_VARIANTS.update({
-    f"{_SHORT[dtype]}_allflags_aligned": dict(
-        dtype=dtype, flags={**{k: True for k in _TRITON_FLAGS}, "ALIGNED": True})
-    for dtype in PARAM_DTYPE_BYTES
+    f"{_storage_tag(*storage)}_allflags_aligned": _triton_variant(
+        *storage, **{k: True for k in _TRITON_FLAGS})
+    for storage in TRITON_STORAGE
 })
 TRITON_ALIGNED = list(TRITON_VARIANTS)
 # Resident programs per SM the aligned variants must allow (as MIN_BLOCKS_PER_SM for CUDA).
 TRITON_MIN_PROGRAMS_PER_SM = 3
-# the negative control: without the alignment promise the compiler may not vectorize
-TRITON_VARIANTS["fp32_unaligned"] = dict(dtype="float32", flags=dict(_TRITON_FLAGS, ALIGNED=False))
+# the negative controls: without the alignment promise the compiler may not vectorize; with fp
+# fusion it contracts multiply-adds
+TRITON_VARIANTS["fp32_unaligned"] = dict(dtype="float32", flags=dict(
+    _TRITON_FLAGS, BF16_STATES=False, PARAM_SR=False, ALIGNED=False))
+TRITON_VARIANTS["fp32_fp_fusion"] = dict(TRITON_VARIANTS["fp32_m11_gs0_aligned"], fp_fusion=True)
 
 # "ld.global.v4.b32", "@%p1 st.global.L1::evict_last.b16", ...
 _PTX_GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+# a contracted multiply-add of floats ("fma.rn.f32"; integer address math is mad.lo)
+_PTX_FLOAT_FMA = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f(?:16|32|64)")
 
 
-def ptx_global_access_bits(ptx):
-    """{"ld": Counter(bits), "st": Counter(bits)} of the global accesses in PTX text."""
+def ptx_global_access_bits(ptx, vector_only=False):
+    """{"ld": Counter(bits), "st": Counter(bits)} of the global accesses in PTX text, a vector
+    access (.v2, .v4) counting the bits of the whole vector. vector_only: only those (a scalar
+    .b64 is a table entry, not 4 bf16 elements)."""
     out = {"ld": collections.Counter(), "st": collections.Counter()}
     for op, mods in _PTX_GLOBAL.findall(ptx):
         vec, bits = 1, None
@@ -345,29 +389,42 @@ def ptx_global_access_bits(ptx):
                 vec = int(m.group(1))
             elif m := re.fullmatch(r"[bsuf](\d+)", mod):
                 bits = int(m.group(1))
-        if bits is not None:
+        if bits is not None and (vec > 1 or not vector_only):
             out[op][vec * bits] += 1
     return out
 
 
-def triton_expected_wide(param_bytes, has_m1, elems_per_thread):
-    """(loads, stores) that must be >= 128 bits: every array whose per-thread run of
-    elems_per_thread contiguous elements spans 16 bytes, once at least."""
-    reach = VECTOR_BITS // 8
-    states = (2 + has_m1) * (4 * elems_per_thread >= reach)
-    param = param_bytes * elems_per_thread >= reach
-    return states + 2 * param, states + param
+def triton_expected_vectors(param_bytes, state_bytes, has_m1, elems_per_thread):
+    """(loads, stores): Counters of the vector widths in bits the arrays' per-thread runs of
+    elems_per_thread contiguous elements allow (at most 128), once each at least; a run of 32 bits
+    or less is no vector."""
+    def width(elem_bytes):
+        return min(VECTOR_BITS, 8 * elem_bytes * elems_per_thread)
+
+    states = [width(state_bytes)] * (2 + has_m1)
+    param = width(param_bytes)
+    loads = collections.Counter(w for w in states + [param, param] if w > 32)
+    stores = collections.Counter(w for w in states + [param] if w > 32)
+    return loads, stores
+
+
+def covers(got, want):
+    """Whether the accesses `got` hold, for every access of `want`, one at least as wide (both
+    Counters of bits): at every width, at least as many accesses that wide or wider."""
+    return all(sum(n for b, n in got.items() if b >= w) >= sum(n for b, n in want.items() if b >= w)
+               for w in want)
 
 
 def check_triton_kernel(what, ptx, findings, want_loads, want_stores):
-    bits = ptx_global_access_bits(ptx)
+    bits = ptx_global_access_bits(ptx, vector_only=True)
     failures = []
-    if wide(bits["ld"]) < want_loads:
-        failures.append(f"{what}: {wide(bits['ld'])} >=128-bit global loads in the PTX, expected "
-                        f"at least {want_loads} {dict(bits['ld'])}")
-    if wide(bits["st"]) < want_stores:
-        failures.append(f"{what}: {wide(bits['st'])} >=128-bit global stores in the PTX, expected "
-                        f"at least {want_stores} {dict(bits['st'])}")
+    for op, want, name in (("ld", want_loads, "loads"), ("st", want_stores, "stores")):
+        if not covers(bits[op], want):
+            failures.append(f"{what}: vector global {name} in the PTX {dict(bits[op])} (bits: "
+                            f"count), expected at least {dict(want)}")
+    if fmas := _PTX_FLOAT_FMA.findall(ptx):
+        failures.append(f"{what}: {len(fmas)} contracted float multiply-adds ({fmas[0]}) in the "
+                        f"PTX: launched without fp fusion, every backend rounds each product")
     return failures + local_memory_failures(what, findings)
 
 
@@ -384,7 +441,7 @@ def triton_builds(tmp_path_factory):
     env["TRITON_CACHE_DIR"] = str(out / "cache")  # a real compile, not a cached artifact
     res = subprocess.run([sys.executable, "-c", _TRITON_COMPILE, str(out),
                           json.dumps(TRITON_VARIANTS)],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"compiling the Triton kernel for sm_90 failed:\n{res.stderr}"
     builds = {}
     for tag in TRITON_VARIANTS:
@@ -396,22 +453,29 @@ def triton_builds(tmp_path_factory):
     return builds, json.loads((out / "meta.json").read_text())
 
 
+def _expected_vectors(meta, tag):
+    v = TRITON_VARIANTS[tag]
+    elems_per_thread = meta["blocks"][tag] // (WARP_SIZE * meta["num_warps"])
+    state_bytes = 2 if v["flags"]["BF16_STATES"] else 4
+    return triton_expected_vectors(PARAM_DTYPE_BYTES[v["dtype"]], state_bytes,
+                                   v["flags"]["HAS_M1"], elems_per_thread)
+
+
 @pytest.mark.parametrize("tag", TRITON_ALIGNED)
 def test_triton_aligned_vector_loads_no_local_memory(triton_builds, tag):
     builds, meta = triton_builds
     ptx, findings = builds[tag]
-    v = TRITON_VARIANTS[tag]
-    elems_per_thread = meta["block"] // (WARP_SIZE * meta["num_warps"])
-    want = triton_expected_wide(PARAM_DTYPE_BYTES[v["dtype"]], v["flags"]["HAS_M1"],
-                                elems_per_thread)
-    failures = check_triton_kernel(f"triton {meta['triton']} {tag}", ptx, findings, *want)
+    failures = check_triton_kernel(f"triton {meta['triton']} {tag}", ptx, findings,
+                                   *_expected_vectors(meta, tag))
     assert not failures, "\n".join(failures) + f"\n(REG:{findings.regs})"
 
 
 @pytest.mark.parametrize("tag", TRITON_ALIGNED)
 def test_triton_aligned_registers_fit_occupancy(triton_builds, tag):
     # ptxas may also stay spill-free by going past the occupancy bound (94 registers: 2 programs
-    # of 8 warps per SM instead of 3), which costs the bytes in flight the kernel lives on.
+    # of 8 warps per SM instead of 3), which costs the bytes in flight the kernel lives on. The
+    # launch caps the registers (maxnreg): this holds the cap to the bound, and the local-memory
+    # gate above shows that ptxas fits under it without spilling.
     builds, meta = triton_builds
     _, findings = builds[tag]
     max_regs = max_registers_per_thread(WARP_SIZE * meta["num_warps"], TRITON_MIN_PROGRAMS_PER_SM)
@@ -427,41 +491,55 @@ def test_triton_unaligned_has_no_vector_loads(triton_builds):
     ptx, findings = builds["fp32_unaligned"]
     bits = ptx_global_access_bits(ptx)
     assert bits["ld"] and wide(bits["ld"]) == 0, f"unaligned fp32 loads: {dict(bits['ld'])}"
-    want = triton_expected_wide(4, True, meta["block"] // (WARP_SIZE * meta["num_warps"]))
-    assert check_triton_kernel("fp32_unaligned", ptx, findings, *want)
+    assert check_triton_kernel("fp32_unaligned", ptx, findings,
+                               *_expected_vectors(meta, "fp32_unaligned"))
     # scalar accesses, but no spills either
     failures = local_memory_failures(f"triton {meta['triton']} fp32_unaligned", findings)
     assert not failures, "\n".join(failures) + f"\n(REG:{findings.regs})"
+
+
+def test_triton_fp_fusion_is_caught(triton_builds):
+    # Negative control: the same kernel compiled with fp fusion contracts multiply-adds, and the
+    # check above reports them, so the fusion-free PTX it passes is the launch option's doing.
+    builds, meta = triton_builds
+    ptx, findings = builds["fp32_fp_fusion"]
+    failures = check_triton_kernel("fp32_fp_fusion", ptx, findings,
+                                   *_expected_vectors(meta, "fp32_fp_fusion"))
+    assert any("multiply-adds" in f for f in failures), failures
 
 
 # ---------------------------------------------------------------------------------------------
 # the gates fail: synthetic cuobjdump text of healthy and broken step kernels
 
 
-def _mangled(param, flags):
+def _mangled(param, state, flags):
+    bits = "NS_8Bf16BitsE"
+    p = bits if param == "Bf16Bits" else param
+    st = state if state == FP32 else ("S3_" if param == "Bf16Bits" else bits)
     return ("_ZN8ademamix51_GLOBAL__N__00000000_18_ademamix_kernel_cu_0000000020ademamix_step_"
-            f"kernelINS_7VariantI{param}{''.join(f'Lb{b}E' for b in flags)}"
-            "EEEEvPKNS_12TensorRecordE")
+            f"kernelINS_7VariantI{p}{st}{''.join(f'Lb{b}E' for b in flags)}"
+            "EEEEvNS_10LaunchPlanENS_11HyperParamsENS_10ScalarPtrsE")
 
 
 def _healthy_kernels(max_regs):
     """{name: (resources, [SASS instructions])} shaped like the real sm_90 output."""
     kernels = {}
-    for param, has_m1, rest in itertools.product(PARAM_BYTES, (0, 1), ((0, 0, 0), (1, 1, 1))):
-        fp32 = PARAM_BYTES[param] == 4
+    for param, state, has_m1, rest in itertools.product(PARAM_BYTES, STATE_BYTES, (0, 1),
+                                                        ((0, 0, 0), (1, 1, 1))):
+        vec_param = "128" if PARAM_BYTES[param] == 4 else "64"
+        vec_state = "128" if STATE_BYTES[state] == 4 else "64"
         n_states = 2 + has_m1
-        vec_param = "128" if fp32 else "64"
         insns = (["LDG.E.64.CONSTANT R52, desc[UR4][R6.64+0x30]",
                   "LDG.E.CONSTANT R3, desc[UR4][R6.64]"]
                  + [f"LDG.E.{vec_param} R8, desc[UR4][R2.64]"] * 2
-                 + ["LDG.E.128 R12, desc[UR4][R4.64]"] * n_states
+                 + [f"LDG.E.{vec_state} R12, desc[UR4][R4.64]"] * n_states
                  + [f"STG.E.{vec_param} desc[UR4][R2.64], R8"]
-                 + ["STG.E.128 desc[UR4][R4.64], R12"] * n_states
+                 + [f"STG.E.{vec_state} desc[UR4][R4.64], R12"] * n_states
                  + ["@!P0 LDG.E R9, desc[UR4][R2.64]",
                     "ATOMG.E.ADD.STRONG.GPU PT, R0, desc[UR4][R2.64], R5",
                     "STG.E desc[UR4][R2.64], RZ", "EXIT"])
         res = {"REG": max_regs, "STACK": 0, "SHARED": 0, "LOCAL": 0}
-        kernels[_mangled(param, (has_m1, *rest))] = (res, insns)
+        kernels[_mangled(param, state, (has_m1, *rest))] = (res, insns)
     return kernels
 
 
@@ -480,13 +558,13 @@ def _render(kernels):
     return "".join(res), "".join(sass)
 
 
-def _names(kernels, param, has_m1):
-    return [n for n in kernels
-            if (v := decode_step_variant(n))[0] == param and v[1][0] == has_m1]
+def _names(kernels, param, has_m1, state=FP32):
+    return [n for n in kernels if (v := decode_step_variant(n))[:2] == (param, state)
+            and v[2][0] == has_m1]
 
 
-def _first(kernels, param, has_m1):
-    return _names(kernels, param, has_m1)[0]
+def _first(kernels, param, has_m1, state=FP32):
+    return _names(kernels, param, has_m1, state)[0]
 
 
 def _scalar_vector_path(kernels, max_regs):
@@ -515,8 +593,19 @@ def _scalar_two_byte_params(kernels, max_regs):
     kernels[name] = (res, [i.replace("G.E.64 ", "G.E.U16 ") for i in insns])
 
 
+def _scalar_bf16_states(kernels, max_regs):
+    name = _first(kernels, FP32, 1, state="Bf16Bits")
+    res, insns = kernels[name]
+    kernels[name] = (res, [i.replace("G.E.64 ", "G.E.U16 ") for i in insns])
+
+
 def _lost_variant(kernels, max_regs):
     for name in _names(kernels, "13__nv_bfloat16", 1):
+        del kernels[name]
+
+
+def _lost_sr_variant(kernels, max_regs):
+    for name in _names(kernels, "Bf16Bits", 0, state="Bf16Bits"):
         del kernels[name]
 
 
@@ -526,8 +615,11 @@ def _lost_variant(kernels, max_regs):
     pytest.param(_stack_frame, "local memory", id="stack_frame"),
     pytest.param(_too_many_registers, "registers >", id="too_many_registers"),
     pytest.param(_scalar_two_byte_params, "64-bit loads", id="scalar_two_byte_params"),
-    pytest.param(_lost_variant, "no step kernel for Param=13__nv_bfloat16 HasM1=1",
+    pytest.param(_scalar_bf16_states, "64-bit loads", id="scalar_bf16_states"),
+    pytest.param(_lost_variant, "no step kernel for Param=13__nv_bfloat16 State=f HasM1=1",
                  id="lost_variant"),
+    pytest.param(_lost_sr_variant, "no step kernel for Param=Bf16Bits State=Bf16Bits HasM1=0",
+                 id="lost_sr_variant"),
 ])
 def test_sass_checker_catches_broken_kernels(breakage, expected):
     max_regs = max_registers_per_thread(header_constant("kBlockSize"), MIN_BLOCKS_PER_SM)

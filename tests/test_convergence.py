@@ -19,7 +19,9 @@ TINY = ["--device", "cpu", "--rosenbrock-iters", "2000", "--rosenbrock-lr", "0.0
 # A byte-level model starts near the uniform guess, ln(256) nats.
 START_LOSS = math.log(256)
 # fp32 kernels agree with a float64 reference to 1e-5 relative per step (SPEC); over a dozen
-# steps, losses of ~5 nats from two backends must then agree to well under 1e-4.
+# steps, losses of ~5 nats from two backends must then agree to well under 1e-4. bf16 states
+# add zero-mean noise of under one bf16 ulp (2^-8 relative) per state write, which moves each
+# update by far less than the update itself at lr 1e-3: measured 2.6e-5 after 12 steps.
 BACKEND_TOL = 1e-4
 
 
@@ -79,8 +81,8 @@ def test_lm_trains_and_is_summarized(result):
 def test_every_backend_runs_and_agrees(result):
     rows = result["backends"]["rows"]
     available = [b for b, (ok, _) in backends.available("cpu").items() if ok]
-    assert sorted(r["backend"] for r in rows) == sorted(available)
-    assert {r["precision"] for r in rows} == set(convergence.STATE_PRECISIONS)
+    assert sorted((r["backend"], r["precision"]) for r in rows) == sorted(
+        (b, p) for b in available for p in convergence.STATE_PRECISIONS)
     for r in rows:
         assert r["status"] == "ok", r
         assert r["steps"] == (4 if r["backend"] == "triton" else 12)

@@ -1,9 +1,14 @@
 """The AdEMAMix step as one multi-tensor Triton launch, registered as ademamix_triton::step_.
 
 Every tensor is cut into chunks of CHUNK_SIZE elements; each chunk is a row of a device int64 table
-(addresses of its param, grad, m1, m2, nu slices and of its step counter, and its length), and the
-update kernel runs one program per row. A tiny kernel first increments the step counters. Tables
-are built once per set of tensor storages and cached (see "Launch plans").
+(addresses of its param, grad, m1, m2, nu slices and of its step counter, its length, and what
+keys its random bits), and the update kernel runs one program per row. A tiny kernel first
+increments the step counters. Tables are built once per set of tensor storages and cached (see
+"Launch plans").
+
+The math is csrc/ademamix.h's, operation by operation (the same fp32 operations in the same order,
+IEEE divisions and square roots, no fused multiply-adds, the same expm1 and random bits), so every
+backend computes the same bits: interpreted Triton those of the op's CPU kernel.
 """
 import contextlib
 import math
@@ -21,9 +26,19 @@ from ..overlap import check_disjoint
 # Tuning (SPEC.md, multi-tensor probe on one H100): chunk 16384 / block 2048 / 8 warps beat
 # 8192 / 1024 / 4. 8-16K-element chunks give enough programs to balance hundreds of uneven tensors.
 # The sweep belongs to bench/; it may set these module attributes (plans are keyed on CHUNK_SIZE).
-CHUNK_SIZE = 16384  # elements per program; a multiple of 8 keeps every chunk 16-byte aligned
+# CHUNK_SIZE is a power of two >= 8: every chunk starts 16-byte aligned, and none straddles a
+# multiple of 2**32 elements (a chunk's random bits have one key for the high word of the index).
+CHUNK_SIZE = 16384  # elements per program
 BLOCK_SIZE = 2048   # elements per loop iteration of a program
+# The same for the variants that round stochastically (bf16 states, param_sr): 4 elements a
+# thread, not 8. With 8, the random bits pushed ptxas (triton 3.8) past 100 registers (or to spills
+# at 80), and fp32 params next to bf16 states needed a layout change through shared memory.
+SR_BLOCK_SIZE = 1024
 NUM_WARPS = 8
+# The update kernel is built for this many resident programs per SM, as the CUDA kernel is by its
+# __launch_bounds__: its registers are capped at what they allow (80 for 8 warps). Uncapped,
+# ptxas (triton 3.6) gave bf16/fp16 params with m1 100 registers, where 3.8 fits 80 unspilled.
+MIN_PROGRAMS_PER_SM = 3
 _STEP_BLOCK = 1024  # step counters per program of the increment kernel
 _MAX_PLANS = 8      # cached tables (one per parameter set/dtype group; a few more for churn)
 
@@ -35,75 +50,160 @@ _M2 = tl.constexpr(3)
 _NU = tl.constexpr(4)
 _STEP = tl.constexpr(5)
 _LEN = tl.constexpr(6)
+_KEY = tl.constexpr(7)  # (tensor's index in the call << _START_BITS) | chunk's first element
 _ROW = tl.constexpr(8)  # padded to 64 bytes
+_START_BITS = tl.constexpr(40)
+_START_MASK = tl.constexpr(2**_START_BITS.value - 1)
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+# expm1_f32's constants (csrc/ademamix.h), from their exact fp32 values: 1/k! of the Taylor
+# series, log2(e), and ln(2) in two parts.
+_INV_FACT3 = tl.constexpr(float.fromhex("0x1.555556p-3"))
+_INV_FACT4 = tl.constexpr(float.fromhex("0x1.555556p-5"))
+_INV_FACT5 = tl.constexpr(float.fromhex("0x1.111112p-7"))
+_INV_FACT6 = tl.constexpr(float.fromhex("0x1.6c16c2p-10"))
+_INV_FACT7 = tl.constexpr(float.fromhex("0x1.a01a02p-13"))
+_INV_FACT8 = tl.constexpr(float.fromhex("0x1.a01a02p-16"))
+_INV_FACT9 = tl.constexpr(float.fromhex("0x1.71de3ap-19"))
+_LOG2E = tl.constexpr(float.fromhex("0x1.715476p+0"))
+_LN2_HI = tl.constexpr(float.fromhex("0x1.63p-1"))
+_LN2_LO = tl.constexpr(float.fromhex("-0x1.bd0106p-13"))
 
 
 @triton.jit
 def _expm1(x):
-    # fp32 expm1: exp(x) - 1 cancels for small |x| (bias corrections with beta2 = 0.999 start at
-    # 1e-3), and libdevice.expm1 does not run in the interpreter. Below 0.5 the Taylor series to
-    # x^9 is exact to 1e-9 relative; above, exp(x) - 1 has no cancellation (|result| > 0.39).
-    s = tl.minimum(tl.maximum(x, -0.5), 0.5)  # keeps the unused branch finite (x may be -inf)
-    taylor = s * (1.0 + s * (0.5 + s * (1.6666666666666666e-1 + s * (4.1666666666666664e-2 + s * (
-        8.3333333333333332e-3 + s * (1.3888888888888889e-3 + s * (1.9841269841269841e-4 + s * (
-            2.4801587301587302e-5 + s * 2.7557319223985893e-6))))))))
-    return tl.where(tl.abs(x) < 0.5, taylor, tl.exp(x) - 1.0)
+    # csrc/ademamix.h expm1_f32: x = k ln2 + r, expm1(r) by its Taylor series to r^9, then
+    # expm1(x) = 2^k expm1(r) + (2^k - 1). Below -30 it is -1 (x = -inf, for beta2 = 0, included).
+    x = tl.maximum(x, -30.0)
+    k = tl.floor(x * _LOG2E + 0.5)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    q = _INV_FACT8 + r * _INV_FACT9
+    q = _INV_FACT7 + r * q
+    q = _INV_FACT6 + r * q
+    q = _INV_FACT5 + r * q
+    q = _INV_FACT4 + r * q
+    q = _INV_FACT3 + r * q
+    q = 0.5 + r * q
+    em1 = r + (r * r) * q
+    scale = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return scale * em1 + (scale - 1.0)
 
 
 @triton.jit
 def _schedules(t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
                beta3_warmup, alpha_warmup, HAS_M1: tl.constexpr):
-    """Per-chunk scalars of step t: 1/bc1, 1/sqrt(bc2), alpha_t, beta3_t, 1 - beta3_t.
+    """csrc/ademamix.h step_scalars of step t: 1/bc1, 1/sqrt(bc2), alpha_t, beta3_t, 1 - beta3_t.
 
     A warmup of 0 means none: t >= 1 is never below it.
     """
     inv_bc1 = 1.0
     if HAS_M1:
-        inv_bc1 = 1.0 / -_expm1(t * ln_beta1)  # bc1 = 1 - beta1^t
-    inv_sqrt_bc2 = 1.0 / tl.sqrt_rn(-_expm1(t * ln_beta2))
+        inv_bc1 = tl.div_rn(1.0, -_expm1(t * ln_beta1))  # bc1 = 1 - beta1^t
+    inv_sqrt_bc2 = tl.div_rn(1.0, tl.sqrt_rn(-_expm1(t * ln_beta2)))
     # The clamps change nothing inside a warmup; outside they keep the unused values finite.
-    alpha_t = tl.where(t < alpha_warmup, alpha * t / tl.maximum(alpha_warmup, 1.0), alpha)
+    alpha_t = tl.where(t < alpha_warmup,
+                       tl.div_rn(alpha * t, tl.maximum(alpha_warmup, 1.0)), alpha)
     # beta3 warmup: half-life interpolated linearly from beta1's to beta3's, 0.5^(1/(x+1)).
-    a = tl.minimum(t / tl.maximum(beta3_warmup, 1.0), 1.0)
-    y = 1.0 / ((1.0 - a) * f_beta1 + a * f_beta3 + 1.0)
-    one_minus_b3_warm = -_expm1(y * ln_half)
+    a = tl.minimum(tl.div_rn(t, tl.maximum(beta3_warmup, 1.0)), 1.0)
+    x = (1.0 - a) * f_beta1 + a * f_beta3
+    one_minus_b3_warm = -_expm1(tl.div_rn(ln_half, x + 1.0))
     in_warmup = t < beta3_warmup
     one_minus_b3 = tl.where(in_warmup, one_minus_b3_warm, one_minus_beta3)
     b3 = tl.where(in_warmup, 1.0 - one_minus_b3_warm, beta3)
     return inv_bc1, inv_sqrt_bc2, alpha_t, b3, one_minus_b3
 
 
+# Stochastic rounding: csrc/ademamix.h mix32, sr_keys and round_bf16_sr, in uint32 arithmetic
+# (multiplies wrap mod 2**32, shifts are logical).
+
+
 @triton.jit
-def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+def _mix32(x):
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x ^= x >> 15
+    return x
+
+
+@triton.jit
+def _sr_keys(seed_lo, seed_hi, tensor, t, e_hi):
+    """The keys (k0, k1) of the random bits of a chunk: tensor `tensor` of the call, step t,
+    element indices with high word e_hi."""
+    tensor_key = _mix32(seed_hi ^ _mix32(seed_lo ^ _mix32(tensor ^ 0x9E3779B9)))
+    step_key = _mix32(tensor_key ^ _mix32(t))
+    k0 = _mix32(step_key ^ _mix32(e_hi))
+    return k0, _mix32(k0 ^ 0x85EBCA6B)
+
+
+@triton.jit
+def _round_bf16_sr(x, r):
+    # fp32 -> bf16 bits, r & 0xFFFF added below the kept bits (unbiased). NaN and Inf keep their
+    # class: a NaN plus r could carry into the sign (0x7FFFFFFF + 0xFFFF -> -0.0), a truncated NaN
+    # could read as Inf, so a NaN gets its quiet bit.
+    b = x.to(tl.uint32, bitcast=True)
+    finite = (b & 0x7F800000) != 0x7F800000
+    quiet = tl.where((b & 0x007FFFFF) != 0, 0x0040, 0)
+    return tl.where(finite, (b + (r & 0xFFFF)) >> 16, (b >> 16) | quiet).to(tl.uint16)
+
+
+@triton.jit
+def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """The elements at ptrs as fp32; BF16_BITS: bf16 stored as its bits (uint16), exact as << 16."""
+    x = tl.load(ptrs, mask=mask)
+    if BF16_BITS:
+        x = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_f32(ptrs, x, r, mask, SR: tl.constexpr):
+    """Writes fp32 x: SR, as bf16 bits rounded stochastically with the random bits r & 0xFFFF;
+    else converted by the store to the pointer's dtype (to nearest even)."""
+    if SR:
+        tl.store(ptrs, _round_bf16_sr(x, r), mask=mask)
+    else:
+        tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mult, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
-                     inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1: tl.constexpr,
-                     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    """The AdEMAMix element update of one block: fp32 arithmetic whatever the param dtype."""
+                     inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1,
+                     HAS_M1: tl.constexpr, SCALE_GRAD: tl.constexpr, BF16_STATES: tl.constexpr,
+                     PARAM_SR: tl.constexpr, MASKED: tl.constexpr):
+    """csrc/ademamix.h ademamix_update of one block, fp32 whatever the storage, and the writes
+    with the random bits of update_groups: m1 r0 & 0xFFFF, m2 r0 >> 16, nu r1 & 0xFFFF, the param
+    r1 >> 16."""
     mask = None
     if MASKED:
         mask = offs < n
-    p_in = tl.load(p_ptr + offs, mask=mask)
-    p = p_in.to(tl.float32)
+    p = _load_f32(p_ptr + offs, mask, PARAM_SR)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = tl.div_rn(g, grad_scale)
-    if MAXIMIZE:
-        g = -g
+    if SCALE_GRAD:
+        g = g * grad_mult
+    r0, r1 = 0, 0
+    if BF16_STATES or PARAM_SR:
+        e_lo = first_lo + offs.to(tl.uint32)  # the low word of the element's index in its tensor
+        r1 = _mix32(e_lo ^ k1)
+        if BF16_STATES:
+            r0 = _mix32(e_lo ^ k0)
     if HAS_M1:
-        m1 = beta1 * tl.load(m1_ptr + offs, mask=mask) + one_minus_beta1 * g
-        tl.store(m1_ptr + offs, m1, mask=mask)
+        m1 = beta1 * _load_f32(m1_ptr + offs, mask, BF16_STATES) + one_minus_beta1 * g
+        _store_f32(m1_ptr + offs, m1, r0, mask, BF16_STATES)
     else:
         m1 = g  # beta1 == 0: the fast EMA is the gradient, no buffer
-    m2 = b3 * tl.load(m2_ptr + offs, mask=mask) + one_minus_b3 * g
-    nu = beta2 * tl.load(nu_ptr + offs, mask=mask) + one_minus_beta2 * g * g
+    m2 = b3 * _load_f32(m2_ptr + offs, mask, BF16_STATES) + one_minus_b3 * g
+    nu = beta2 * _load_f32(nu_ptr + offs, mask, BF16_STATES) + (one_minus_beta2 * g) * g
     denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
     update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
-    tl.store(p_ptr + offs, (p - lr * update).to(p_in.dtype), mask=mask)
-    tl.store(m2_ptr + offs, m2, mask=mask)
-    tl.store(nu_ptr + offs, nu, mask=mask)
+    _store_f32(p_ptr + offs, p - lr * update, r1 >> 16, mask, PARAM_SR)
+    _store_f32(m2_ptr + offs, m2, r0 >> 16, mask, BF16_STATES)
+    _store_f32(nu_ptr + offs, nu, r1, mask, BF16_STATES)
 
 
 @triton.jit
@@ -117,13 +217,26 @@ def _row_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr)
     return ptr
 
 
-@triton.jit
+def _update_options():
+    """Compile options of the update kernel's launches: NUM_WARPS, the register cap of
+    MIN_PROGRAMS_PER_SM (64K registers an SM, allocated 8 a thread at a time), and no fp fusion:
+    no multiply-add is contracted, as in the other backends."""
+    regs = 65536 // (MIN_PROGRAMS_PER_SM * NUM_WARPS * 32) // 8 * 8
+    return dict(num_warps=NUM_WARPS, maxnreg=min(regs, 255), enable_fp_fusion=False)
+
+
+# The seed words are int32 bit patterns, unspecialized: one compiled kernel for every seed.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1,
                      ln_beta1, beta2, one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1,
                      f_beta3, ln_half, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                     P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr, MAXIMIZE: tl.constexpr,
-                     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                     HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                     seed_lo, seed_hi, P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     BF16_STATES: tl.constexpr, PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    # BF16_STATES: m1, m2, nu are bf16 (accessed as their bits), written with stochastic
+    # rounding; PARAM_SR: so are the (bf16) params.
     # Python floats arrive as fp32 from eager launches but may be fp64 from compiled callers.
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
@@ -145,16 +258,19 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
         lr = tl.load(lr_ptr).to(tl.float32)
     else:
         lr = tl.cast(lr, tl.float32)
-    grad_scale = 1.0
+    grad_mult = 1.0
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        grad_mult = tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+    if MAXIMIZE:
+        grad_mult = -grad_mult
 
     row = table_ptr + tl.program_id(0).to(tl.int64) * _ROW
-    p_ptr = _row_ptr(row, _P, P_DTYPE, ALIGNED)
+    S_DTYPE: tl.constexpr = tl.uint16 if BF16_STATES else tl.float32
+    p_ptr = _row_ptr(row, _P, tl.uint16 if PARAM_SR else P_DTYPE, ALIGNED)
     g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
-    m1_ptr = _row_ptr(row, _M1, tl.float32, ALIGNED)
-    m2_ptr = _row_ptr(row, _M2, tl.float32, ALIGNED)
-    nu_ptr = _row_ptr(row, _NU, tl.float32, ALIGNED)
+    m1_ptr = _row_ptr(row, _M1, S_DTYPE, ALIGNED)
+    m2_ptr = _row_ptr(row, _M2, S_DTYPE, ALIGNED)
+    nu_ptr = _row_ptr(row, _NU, S_DTYPE, ALIGNED)
     t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))  # already incremented
     n = tl.load(row + _LEN).to(tl.int32)  # < CHUNK_SIZE: offsets in a chunk fit in 32 bits
     if HAS_FOUND_INF:
@@ -163,26 +279,35 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
     inv_bc1, inv_sqrt_bc2, alpha_t, b3, one_minus_b3 = _schedules(
         t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
         beta3_warmup, alpha_warmup, HAS_M1)
+    first_lo, k0, k1 = 0, 0, 0
+    if BF16_STATES or PARAM_SR:
+        key = tl.load(row + _KEY)
+        chunk_start = key & _START_MASK
+        k0, k1 = _sr_keys(seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True),
+                          (key >> _START_BITS).to(tl.uint32), t.to(tl.uint32),
+                          (chunk_start >> 32).to(tl.uint32))
+        first_lo = (chunk_start & 0xFFFFFFFF).to(tl.uint32)
 
     # Full blocks unmasked (vector loads), then the masked tail in half blocks (at most two).
     # A masked block is scalar accesses, each element with its own predicate, and costs more
     # registers than a full one: a whole masked block pushed ptxas (triton 3.8, bf16/fp16 params
     # with m1) to a spill at 80 registers, or past 80 (fewer programs per SM). Half blocks halve
     # the tail's live values; the full blocks' code is unchanged (tests/test_codegen.py).
+    SCALE_GRAD: tl.constexpr = HAS_GRAD_SCALE or MAXIMIZE
     n_full = n // BLOCK
     for i in range(0, n_full):
         offs = tl.max_contiguous(tl.multiple_of(i * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
-        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mult, beta1,
                          one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
-                         inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
-                         HAS_GRAD_SCALE, False)
+                         inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1,
+                         SCALE_GRAD, BF16_STATES, PARAM_SR, False)
     for start in range(n_full * BLOCK, n, BLOCK // 2):
         offs = tl.max_contiguous(
             tl.multiple_of(start + tl.arange(0, BLOCK // 2), BLOCK // 2), BLOCK // 2)
-        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_scale, beta1,
+        _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mult, beta1,
                          one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
-                         inv_sqrt_bc2, alpha_t, eps, weight_decay, HAS_M1, MAXIMIZE,
-                         HAS_GRAD_SCALE, True)
+                         inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1,
+                         SCALE_GRAD, BF16_STATES, PARAM_SR, True)
 
 
 @triton.jit
@@ -300,6 +425,11 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
     if dtype not in _PARAM_DTYPES:
         raise TypeError(f"ademamix_triton: params must be float32, bfloat16 or float16, "
                         f"got {dtype}")
+    # One state dtype per call, that of exp_avg_slows[0] (a non-tensor is named below).
+    state_dtype = getattr(m2s[0], "dtype", None)
+    if isinstance(m2s[0], torch.Tensor) and state_dtype not in _STATE_DTYPES:
+        raise TypeError(f"ademamix_triton: states must be float32 or bfloat16, got {state_dtype} "
+                        f"for exp_avg_slows[0]")
     for i, (p, g, m2, nu, s) in enumerate(zip(params, grads, m2s, nus, steps)):
         if p.dtype != dtype:
             raise TypeError(f"ademamix_triton: one param dtype per call: params[0] is {dtype}, "
@@ -320,8 +450,9 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
             raise RuntimeError(f"ademamix_triton: grads[{i}] ({g.dtype}, {tuple(g.shape)}) must "
                                f"match params[{i}] ({p.dtype}, {tuple(p.shape)})")
         for name, x in named[2:]:
-            if x.dtype != torch.float32 or x.shape != p.shape:
-                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be float32 of shape "
+            if x.dtype != state_dtype or x.shape != p.shape:
+                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be {state_dtype} (one state "
+                                   f"dtype per call: that of exp_avg_slows[0]) of shape "
                                    f"{tuple(p.shape)}, got {x.dtype} {tuple(x.shape)}")
         for name, x in named:
             if not x.is_contiguous():
@@ -367,7 +498,8 @@ def _plan(params, grads, m1s, m2s, nus, steps, device):
         check()  # names the culprit
         raise RuntimeError("ademamix_triton: every tensor must be dense and contiguous")
     return _lookup(key, device, check, lambda capturing: _new_plan(
-        ptrs, numels[:len(params)], bool(m1s), params[0].element_size(), device, capturing))
+        ptrs, numels[:len(params)], bool(m1s), params[0].element_size(),
+        m2s[0].element_size(), device, capturing))
 
 
 def _norm_plan(grads, device):
@@ -385,8 +517,9 @@ def _norm_plan(grads, device):
         check()
         raise RuntimeError("ademamix_triton: every grad must be dense and contiguous")
     no_steps = (0,) * len(grads)
+    size = grads[0].element_size()
     return _lookup(key, device, check, lambda capturing: _new_plan(
-        ptrs * 4 + no_steps, numels, False, grads[0].element_size(), device, capturing))
+        ptrs * 4 + no_steps, numels, False, size, size, device, capturing))
 
 
 def _lookup(key, device, check, build):
@@ -437,17 +570,20 @@ def _upload_in_graph(host, device):
     return upload(host, device)
 
 
-def _new_plan(ptrs, numels, has_m1, elem_size, device, capturing):
-    if CHUNK_SIZE % 8:
-        raise ValueError("ademamix_triton: CHUNK_SIZE must be a multiple of 8 "
-                         "(chunks must start 16-byte aligned)")
-    n = len(numels)
+def _new_plan(ptrs, numels, has_m1, elem_size, state_size, device, capturing):
+    if CHUNK_SIZE < 8 or CHUNK_SIZE & (CHUNK_SIZE - 1):
+        raise ValueError("ademamix_triton: CHUNK_SIZE must be a power of two >= 8 (chunks must "
+                         "start 16-byte aligned and not straddle a multiple of 2**32 elements)")
+    n, bits = len(numels), _START_BITS.value
+    if n > 2**(63 - bits) or max(numels) > 2**bits:
+        raise ValueError(f"ademamix_triton: at most 2**{63 - bits} tensors of at most 2**{bits} "
+                         f"elements (the random-bit keys of the chunk rows)")
     addr = torch.tensor(ptrs, dtype=torch.int64).view(-1, n)  # one row per list
     if not has_m1:
         addr = torch.cat([addr[:2], torch.zeros_like(addr[:1]), addr[2:]])  # m1 = 0: never read
     data, step = addr[:5], addr[5]
     numel = torch.tensor(numels, dtype=torch.int64)
-    elem_sizes = torch.tensor([elem_size, elem_size, 4, 4, 4], dtype=torch.int64)
+    elem_sizes = torch.tensor([elem_size, elem_size] + [state_size] * 3, dtype=torch.int64)
     aligned = (data % 16 == 0).all(dim=0)
 
     parts, launches, owners, starts, offset = [], [], [], [], 0
@@ -461,6 +597,7 @@ def _new_plan(ptrs, numels, has_m1, elem_size, device, capturing):
         rows[:, 0:5] = data[:, owner].T + start[:, None] * elem_sizes
         rows[:, 5] = step[owner]
         rows[:, 6] = torch.clamp(numel[owner] - start, max=CHUNK_SIZE)
+        rows[:, 7] = (owner << bits) | start
         parts.append(rows.flatten())
         launches.append((offset, rows.shape[0], is_aligned))
         owners.append(owner)
@@ -532,10 +669,29 @@ def _device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(plan, n, dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup,
-            eps, weight_decay, maximize, grad_scale, found_inf):
-    """Enqueues the step of the n tensors of `plan` (params of `dtype`) on the current stream."""
+def _check_sr(dtype, state_dtype, sr_seed, param_sr):
+    """The stochastic-rounding options against the dtypes (csrc/ademamix_ops.cpp's checks)."""
+    if param_sr and dtype != torch.bfloat16:
+        raise ValueError(f"ademamix_triton: param_sr (stochastic rounding of the params) needs "
+                         f"bfloat16 params, got {dtype}")
+    if state_dtype == torch.bfloat16 or param_sr:
+        if sr_seed is None:
+            raise ValueError("ademamix_triton: sr_seed is required with bfloat16 states or "
+                             "param_sr (it keys the random bits of the stochastic rounding)")
+        if not 0 <= sr_seed < 2**63:
+            raise ValueError(f"ademamix_triton: sr_seed must be in [0, 2**63), got {sr_seed}")
+
+
+def _launch(plan, n, dtype, state_dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup,
+            alpha_warmup, eps, weight_decay, maximize, grad_scale, found_inf, sr_seed, param_sr):
+    """Enqueues the step of the n tensors of `plan` (params of `dtype`, states of `state_dtype`)
+    on the current stream."""
+    _check_sr(dtype, state_dtype, sr_seed, param_sr)
     has_m1 = beta1 != 0.0
+    bf16_states = state_dtype == torch.bfloat16
+    # The seed's words as int32 bit patterns: a kernel int's type (i32, i64) follows its value.
+    seed = sr_seed or 0
+    seed_lo, seed_hi = ((seed & 0xFFFFFFFF) ^ 2**31) - 2**31, seed >> 32
     any_ptr = plan.table  # stands in for absent optional tensors; never read
     _increment_steps_kernel[(triton.cdiv(n, _STEP_BLOCK),)](
         plan.step_addrs, n, found_inf if found_inf is not None else any_ptr,
@@ -550,16 +706,17 @@ def _launch(plan, n, dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_war
             beta2, 1.0 - beta2, math.log(beta2) if beta2 > 0.0 else -math.inf,
             beta3, 1.0 - beta3, _half_life(beta1), _half_life(beta3), math.log(0.5),
             float(alpha), float(beta3_warmup or 0), float(alpha_warmup or 0), float(eps),
-            float(weight_decay),
+            float(weight_decay), seed_lo, seed_hi,
             P_DTYPE=_PARAM_DTYPES[dtype], HAS_M1=has_m1, MAXIMIZE=bool(maximize),
             LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned, BLOCK=BLOCK_SIZE,
-            num_warps=NUM_WARPS)
+            HAS_FOUND_INF=found_inf is not None, BF16_STATES=bf16_states, PARAM_SR=bool(param_sr),
+            ALIGNED=aligned, BLOCK=SR_BLOCK_SIZE if bf16_states or param_sr else BLOCK_SIZE,
+            **_update_options())
 
 
 def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
          beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-         grad_scale, found_inf):
+         grad_scale, found_inf, sr_seed, param_sr):
     """Checks, plans and launches one step; returns the plan (None when there are no params)."""
     n = len(params)
     has_m1 = beta1 != 0.0
@@ -587,8 +744,9 @@ def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, 
     with _device_guard(device):
         plan = _plan(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
                      device)
-        _launch(plan, n, params[0].dtype, lr, lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup,
-                alpha_warmup, eps, weight_decay, maximize, grad_scale, found_inf)
+        _launch(plan, n, params[0].dtype, exp_avg_slows[0].dtype, lr, lr_tensor, beta1, beta2,
+                beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize, grad_scale,
+                found_inf, sr_seed, param_sr)
     return plan
 
 
@@ -598,11 +756,12 @@ def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
                lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, beta3: float,
                alpha: float, beta3_warmup: Optional[int], alpha_warmup: Optional[int], eps: float,
                weight_decay: float, maximize: bool, grad_scale: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor]) -> None:
+               found_inf: Optional[torch.Tensor], sr_seed: Optional[int] = None,
+               param_sr: bool = False) -> None:
     """The op's body. lr_tensor, when given, replaces lr (custom ops have no overloads)."""
     _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
          beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-         grad_scale, found_inf)
+         grad_scale, found_inf, sr_seed, param_sr)
 
 
 # What torch.compile, export and dispatch modes see: one opaque node that mutates its lists.
@@ -614,13 +773,13 @@ _step_op = torch.library.custom_op(
 @_step_op.register_fake
 def _step_op_fake(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
                   lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
-                  weight_decay, maximize, grad_scale, found_inf):
+                  weight_decay, maximize, grad_scale, found_inf, sr_seed=None, param_sr=False):
     return None
 
 
 def _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, beta1,
              beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-             grad_scale, found_inf):
+             grad_scale, found_inf, sr_seed, param_sr):
     """The op's arguments, normalized, from the functional signature."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     return (list(params), list(grads), list(exp_avg_fasts or ()), list(exp_avg_slows),
@@ -628,7 +787,8 @@ def _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_ste
             lr_tensor, float(beta1), float(beta2), float(beta3), float(alpha),
             None if beta3_warmup is None else int(beta3_warmup),
             None if alpha_warmup is None else int(alpha_warmup), float(eps), float(weight_decay),
-            bool(maximize), grad_scale, found_inf)
+            bool(maximize), grad_scale, found_inf, None if sr_seed is None else int(sr_seed),
+            bool(param_sr))
 
 
 def _traced():
@@ -644,19 +804,22 @@ def _bump_versions(args):
 
 def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
                    beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                   maximize, grad_scale=None, found_inf=None):
+                   maximize, grad_scale=None, found_inf=None, sr_seed=None, param_sr=False):
     """One AdEMAMix step over all tensors, in place, in one launch (two with misaligned views).
 
     Tensor lists in the order params, grads, exp_avg_fasts (empty when beta1 == 0),
     exp_avg_slows, exp_avg_sqs, state_steps, all contiguous on one device (CUDA, or CPU under
-    TRITON_INTERPRET=1). params/grads: one of float32, bfloat16, float16; states float32;
-    state_steps one-element float32 tensors, incremented here unless found_inf is nonzero.
-    lr: float or one-element tensor on the device; grad_scale divides the grads; found_inf
-    nonzero skips the step entirely. Nothing is synchronized with the host.
+    TRITON_INTERPRET=1). params/grads: one of float32, bfloat16, float16; states all float32 or
+    all bfloat16 (written with stochastic rounding); state_steps one-element float32 tensors,
+    incremented here unless found_inf is nonzero. lr: float or one-element tensor on the device;
+    the grads are multiplied by 1/grad_scale; found_inf nonzero skips the step entirely.
+    sr_seed (an int in [0, 2**63)) keys the random bits of stochastic rounding: required with
+    bfloat16 states or param_sr (bfloat16 params written with stochastic rounding too). Nothing
+    is synchronized with the host.
     """
     args = _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
                     beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                    maximize, grad_scale, found_inf)
+                    maximize, grad_scale, found_inf, sr_seed, param_sr)
     with torch.no_grad():  # a mutation of leaf params, not something to differentiate
         if _traced():
             _step_op(*args)
@@ -734,11 +897,12 @@ class Stepper:
         self._plan = None
 
     def step(self, grads, *, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
-             weight_decay, maximize, grad_scale=None, found_inf=None):
+             weight_decay, maximize, grad_scale=None, found_inf=None, sr_seed=None,
+             param_sr=False):
         params, m1s, m2s, nus, steps = self._lists
         args = _op_args(params, grads, m1s, m2s, nus, steps, lr, beta1, beta2, beta3, alpha,
                         beta3_warmup, alpha_warmup, eps, weight_decay, maximize, grad_scale,
-                        found_inf)
+                        found_inf, sr_seed, param_sr)
         with torch.no_grad():
             if _traced():
                 _step_op(*args)
@@ -774,5 +938,5 @@ class Stepper:
             for name, x in (("lr", args[7]), ("grad_scale", args[17]), ("found_inf", args[18])):
                 _check_scalar_tensor(name, x, device)
             _use(plan, device, capturing)
-            _launch(plan, len(params), params[0].dtype, *args[6:])
+            _launch(plan, len(params), params[0].dtype, self._lists[2][0].dtype, *args[6:])
         return plan
