@@ -201,7 +201,7 @@ struct HyperParams {
   uint32_t seed_lo, seed_hi;  // of the random bits (used by the variants that round stochastically)
 };
 
-// 1-element fp32 tensors read once per chunk; each is read only in the variants that have it.
+// 1-element fp32 tensors read once per chunk; null when absent.
 struct ScalarPtrs {
   const float* lr;
   const float* grad_scale;
@@ -222,7 +222,7 @@ struct LaunchArgs {
   int64_t n_chunks;   // blocks; a CUDA grid size, <= INT32_MAX (checked by build_plan)
   int64_t n_tensors;  // tensors (and step counts) in the plan
   HyperParams hyper;
-  ScalarPtrs scalars;  // null pointers select the variants without them
+  ScalarPtrs scalars;
 };
 
 // Everything the element-wise math needs that depends on the step t, computed once per chunk.
@@ -236,19 +236,17 @@ struct StepScalars {
   SrKeys sr;  // the chunk's random-bit keys (variants that round stochastically)
 };
 
-// One compile-time variant of the step. Every variant runs the same functions below. Param and
-// State are storage types: Bf16Bits stands for bf16 written with stochastic rounding.
-template <typename Param, typename State, bool HasM1, bool HasGradScale, bool HasFoundInf,
-          bool LrTensor>
+// One compile-time variant of the step: what changes the element loop (the storage and whether
+// m1 exists). Every variant runs the same functions below. Param and State are storage types:
+// Bf16Bits stands for bf16 written with stochastic rounding. The optional scalars (lr tensor,
+// grad_scale, found_inf) are read once per chunk, behind a branch every thread takes alike.
+template <typename Param, typename State, bool HasM1>
 struct Variant {
   using param_t = Param;
   using state_t = State;
   static constexpr bool kRandom =
       std::is_same<Param, Bf16Bits>::value || std::is_same<State, Bf16Bits>::value;
   static constexpr bool kHasM1 = HasM1;  // false iff beta1 == 0: m1 neither read nor written
-  static constexpr bool kHasGradScale = HasGradScale;
-  static constexpr bool kHasFoundInf = HasFoundInf;
-  static constexpr bool kLrTensor = LrTensor;
 };
 
 // Calls f(Variant<Param, ...>{}) with the runtime flags turned into template arguments.
@@ -262,17 +260,8 @@ void with_bool(bool b, F&& f) {
 }
 
 template <typename Param, typename State, typename F>
-void dispatch_variant(bool has_m1, bool has_grad_scale, bool has_found_inf, bool lr_tensor, F&& f) {
-  with_bool(has_m1, [&](auto m1) {
-    with_bool(has_grad_scale, [&](auto gs) {
-      with_bool(has_found_inf, [&](auto fi) {
-        with_bool(lr_tensor, [&](auto lt) {
-          f(Variant<Param, State, decltype(m1)::value, decltype(gs)::value, decltype(fi)::value,
-                    decltype(lt)::value>{});
-        });
-      });
-    });
-  });
+void dispatch_variant(bool has_m1, F&& f) {
+  with_bool(has_m1, [&](auto m1) { f(Variant<Param, State, decltype(m1)::value>{}); });
 }
 
 // Calls f(T{}) with T the storage type of param dtype `dtype`: Float, BFloat16 or Half, the
@@ -303,14 +292,12 @@ void dispatch_state(StateDtype dtype, F&& f) {
   }
 }
 
-// Calls f(Variant<...>{}) for the param dtype and flags of launch `a`.
+// Calls f(Variant<...>{}) for the param and state dtypes of launch `a`.
 template <typename Float, typename BFloat16, typename Half, typename F>
 void dispatch_launch(const LaunchArgs& a, F&& f) {
-  const ScalarPtrs& d = a.scalars;
-  const bool gs = d.grad_scale != nullptr, fi = d.found_inf != nullptr, lr = d.lr != nullptr;
   const auto with_param = [&](auto param) {
     dispatch_state(a.state_dtype, [&](auto state) {
-      dispatch_variant<decltype(param), decltype(state)>(a.has_m1, gs, fi, lr, f);
+      dispatch_variant<decltype(param), decltype(state)>(a.has_m1, f);
     });
   };
   if (a.dtype == ParamDtype::kBFloat16Sr) {
@@ -321,13 +308,8 @@ void dispatch_launch(const LaunchArgs& a, F&& f) {
 }
 
 // found_inf nonzero (NaN included) skips the whole step, step counts included.
-template <class V>
 ADEMAMIX_HD bool skip_step(const ScalarPtrs& d) {
-  if constexpr (V::kHasFoundInf) {
-    return *d.found_inf != 0.0f;
-  } else {
-    return false;
-  }
+  return d.found_inf != nullptr && *d.found_inf != 0.0f;
 }
 
 // The per-chunk scalar setup of chunk `chunk` (its first element's index) of tensor `tensor`
@@ -337,15 +319,8 @@ template <class V>
 ADEMAMIX_HD StepScalars step_scalars(const HyperParams& h, const ScalarPtrs& d, float t,
                                      int32_t tensor, int64_t chunk_start) {
   StepScalars s;
-  if constexpr (V::kLrTensor) {
-    s.lr = *d.lr;
-  } else {
-    s.lr = h.lr;
-  }
-  float grad_mult = 1.0f;
-  if constexpr (V::kHasGradScale) {
-    grad_mult = 1.0f / *d.grad_scale;
-  }
+  s.lr = d.lr != nullptr ? *d.lr : h.lr;
+  const float grad_mult = d.grad_scale != nullptr ? 1.0f / *d.grad_scale : 1.0f;
   s.grad_mult = h.maximize ? -grad_mult : grad_mult;
   if constexpr (V::kHasM1) {
     s.inv_bc1 = 1.0f / -expm1_f32(t * h.ln_beta1);
@@ -648,7 +623,7 @@ ADEMAMIX_HD void step_block(const LaunchPlan& plan, int64_t block, const HyperPa
   // The records are loaded before the found_inf test, so the two reads overlap.
   const ChunkRecord chunk = plan.chunks[block];
   const TensorRecord rec = plan.tensors[chunk.tensor];
-  if (skip_step<V>(d)) {
+  if (skip_step(d)) {
     return;  // every block returns: no update, no step increment, counters untouched
   }
   // Every block of a tensor reads the OLD step; the last of them to finish writes old + 1.

@@ -207,7 +207,7 @@ void update_chunk(const TensorRecord& rec, int64_t chunk, const HyperParams& h,
 // Chunks are independent, so the result does not depend on the number of threads.
 template <class V>
 void step_chunks(const LaunchArgs& a) {
-  if (skip_step<V>(a.scalars)) {
+  if (skip_step(a.scalars)) {
     return;
   }
   const LaunchPlan& plan = a.plan;

@@ -133,8 +133,9 @@ def batch(step, device):
     return torch.rand(BATCH, 5, generator=gen).to(device)
 
 
-def make_optimizer(model, backend, lr_tensor=False, cls=None):
-    """Ours (or `cls`, the reference) with a weight group and a beta1 = 0 bias group."""
+def make_optimizer(model, backend, lr_tensor=False, cls=None, **options):
+    """Ours (or `cls`, the reference) with a weight group and a beta1 = 0 bias group; `options`
+    go to ours."""
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n.endswith("weight")]},
               {"params": [p for n, p in named if n.endswith("bias")], **BIAS_GROUP}]
@@ -142,7 +143,7 @@ def make_optimizer(model, backend, lr_tensor=False, cls=None):
         groups[0]["lr"] = torch.tensor(WEIGHT_GROUP["lr"])
     if cls is not None:
         return cls(groups, **WEIGHT_GROUP)
-    return ademamix_cuda.AdEMAMix(groups, backend=backend, **WEIGHT_GROUP)
+    return ademamix_cuda.AdEMAMix(groups, backend=backend, **WEIGHT_GROUP, **options)
 
 
 def loss_of(model, x):
@@ -253,11 +254,11 @@ def group_of(opt, p):
     return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
 
 
-def layout_problems(model, opt, backend, steps):
+def layout_problems(model, opt, backend, steps, state_dtype=torch.float32):
     """The state layout of the issue, on this rank: each state a DTensor with its param's mesh,
     placements, shape and stride (so DCP saves it sharded) and local shape (uneven and empty shards
-    included), or a plain tensor for a plain param; fp32; exp_avg_fast None with beta1 = 0; the
-    step count a plain 0-d float32 tensor, as torch's AdamW keeps it under FSDP2."""
+    included), or a plain tensor for a plain param; of `state_dtype`; exp_avg_fast None with
+    beta1 = 0; the step count a plain 0-d float32 tensor, as torch's AdamW keeps it under FSDP2."""
     out = []
     for name, p in model.named_parameters():
         state = opt.state.get(p)
@@ -281,9 +282,9 @@ def layout_problems(model, opt, backend, steps):
                 if s is not None:
                     out.append(f"{name}: exp_avg_fast must be None with beta1 = 0")
                 continue
-            if s is None or s.dtype != torch.float32 or s.shape != p.shape:
+            if s is None or s.dtype != state_dtype or s.shape != p.shape:
                 out.append(f"{name} {key}: {None if s is None else (s.dtype, tuple(s.shape))}, "
-                           f"expected float32 {tuple(p.shape)}")
+                           f"expected {state_dtype} {tuple(p.shape)}")
                 continue
             if not isinstance(p, DTensor):
                 if isinstance(s, DTensor):
@@ -536,6 +537,50 @@ def state_dict_sharded(r, backend):
                            + mismatches(got, want, None, f"{K_AFTER} steps after loading vs uninterrupted"))
 
 
+BF16_STATES = dict(state_dtype=torch.bfloat16, sr_seed=12345)
+# bf16 states against one process: the ranks round their local shards with the random bits of
+# the shards' element indices, one process those of the whole tensors, so the two runs draw
+# different bits. Each SR write errs by under one bf16 ulp (2^-8 relative), zero-mean; over 24
+# steps at lr 2e-3 the params, which move by ~5e-2 relative, drift by ~1e-3 (measured ~2e-4).
+BF16_PARAM_RTOL = 2e-3
+
+
+def fsdp2_bf16_states(r, backend):
+    """FSDP2 with bf16 states: DTensor states of dtype bf16 laid out like their params; the
+    training within SR noise of one process with bf16 states; a sharded optimizer state dict
+    (the groups' seeds in it) loaded into a fresh model and optimizer resumes bit for bit."""
+    mesh = r.mesh()
+    a = fsdp2(new_model(r.device), mesh)
+    opt_a = make_optimizer(a, backend, **BF16_STATES)
+    train_ranks(r, a, opt_a, K_SAVE)
+    osd, msd = clone_tree(get_optimizer_state_dict(a, opt_a)), clone_tree(get_model_state_dict(a))
+    b = fsdp2(new_model(r.device, seed=1), mesh)
+    opt_b = make_optimizer(b, backend, state_dtype=torch.bfloat16, sr_seed=1)  # seeds: loaded
+    get_optimizer_state_dict(b, opt_b)
+    set_model_state_dict(b, msd)
+    set_optimizer_state_dict(b, opt_b, osd)
+    problems = layout_problems(a, opt_a, backend, K_SAVE, torch.bfloat16)
+    problems += layout_problems(b, opt_b, backend, K_SAVE, torch.bfloat16)
+    seeds_a, seeds_b = ([g["sr_seed"] for g in o.param_groups] for o in (opt_a, opt_b))
+    if seeds_b != seeds_a:
+        problems.append(f"loaded seeds {seeds_b}, saved {seeds_a}")
+    raise_on_any_rank(problems)
+    train_ranks(r, a, opt_a, K_AFTER, start=K_SAVE)
+    train_ranks(r, b, opt_b, K_AFTER, start=K_SAVE)
+    got, want = gather(b, opt_b), gather(a, opt_a)
+    if r.rank != 0:
+        return
+    single = new_model(r.device)
+    single_opt = make_optimizer(single, backend, **BF16_STATES)
+    train(single, single_opt, STEPS, rank=0, world=1, device=r.device)
+    alone = gather(single, single_opt)
+    problems = mismatches(got, want, None, f"{K_AFTER} steps after loading vs uninterrupted")
+    problems += mismatches({n: {"param": e["param"]} for n, e in want.items()},
+                           {n: {"param": e["param"]} for n, e in alone.items()}, BF16_PARAM_RTOL,
+                           f"bf16 states, FSDP2 on {r.world} ranks vs one process")
+    assert_no_problems(problems)
+
+
 def to_authors_layout(full_osd):
     """An FQN-keyed full optimizer state dict with integer keys, as the authors' class saves it."""
     fqns = [fqn for g in full_osd["param_groups"] for fqn in g["params"]]
@@ -724,7 +769,8 @@ def bad_state_mesh(r, backend):
 
 SCENARIOS = {f.__name__: f for f in (
     fsdp2_parity, clip_parity, hsdp_parity, two_meshes, plain_and_dtensor, ddp_parity, mixed_precision,
-    state_dict_sharded, state_dict_full, dcp_save, dcp_load, bad_grad_type, bad_state_mesh)}
+    state_dict_sharded, state_dict_full, dcp_save, dcp_load, bad_grad_type, bad_state_mesh,
+    fsdp2_bf16_states)}
 
 
 # ---------------------------------------------------------------------------------------------

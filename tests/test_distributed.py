@@ -303,6 +303,17 @@ def test_fsdp2_mixed_precision_policy(device, world, backend, distributed, reque
     distributed.check(request.node)
 
 
+# Two ranks and the op's kernel and foreach on the CPU (the Triton interpreter's bits are the
+# op's, tests/test_low_precision.py); every backend on GPUs.
+@scenario("fsdp2_bf16_states")
+@pytest.mark.parametrize("backend,device,world", [(b, "cpu", 2) for b in ("cuda", "foreach")]
+                         + [(b, "cuda", 2) for b in BACKENDS])
+def test_fsdp2_with_bf16_states(device, world, backend, distributed, request):
+    """state_dtype=torch.bfloat16 under FSDP2: bf16 DTensor states laid out like their params,
+    training within SR noise of one process, and a sharded state dict that resumes bit for bit."""
+    distributed.check(request.node)
+
+
 @scenario("ddp_parity", world=2)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", ["cpu"])
