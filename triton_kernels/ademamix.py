@@ -152,24 +152,14 @@ def _round_bf16_sr(x, r):
 
 
 @triton.jit
-def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
-    """The elements at ptrs as fp32; BF16_BITS: bf16 stored as its bits (uint16), exact as << 16."""
-    x = tl.load(ptrs, mask=mask)
-    if BF16_BITS:
-        x = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
+def _from_bf16_bits(x):
+    """bf16 stored as its bits (uint16) -> fp32, exactly (<< 16)."""
+    return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _store_f32(ptrs, x, r, mask, SR: tl.constexpr):
-    """Writes fp32 x: SR, as bf16 bits rounded stochastically with the random bits r & 0xFFFF;
-    else converted by the store to the pointer's dtype (to nearest even)."""
-    if SR:
-        tl.store(ptrs, _round_bf16_sr(x, r), mask=mask)
-    else:
-        tl.store(ptrs, x, mask=mask)
-
-
+# The interpreter re-patches triton.language at every call of a jit function (~0.35 ms), so the
+# block update calls the bf16 helpers only in the variants that have bf16 arrays: the fp32 path
+# runs as fast interpreted as it did before them.
 @triton.jit
 def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mult, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
@@ -178,11 +168,14 @@ def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mul
                      PARAM_SR: tl.constexpr, MASKED: tl.constexpr):
     """csrc/ademamix.h ademamix_update of one block, fp32 whatever the storage, and the writes
     with the random bits of update_groups: m1 r0 & 0xFFFF, m2 r0 >> 16, nu r1 & 0xFFFF, the param
-    r1 >> 16."""
+    r1 >> 16. Stores of fp32 values to bf16/fp16 params round to nearest even."""
     mask = None
     if MASKED:
         mask = offs < n
-    p = _load_f32(p_ptr + offs, mask, PARAM_SR)
+    p = tl.load(p_ptr + offs, mask=mask)
+    if PARAM_SR:
+        p = _from_bf16_bits(p)
+    p = p.to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if SCALE_GRAD:
         g = g * grad_mult
@@ -192,18 +185,37 @@ def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mul
         r1 = _mix32(e_lo ^ k1)
         if BF16_STATES:
             r0 = _mix32(e_lo ^ k0)
+    # Each state is loaded, updated and (m1) stored in turn: fewer live values than all loads
+    # first, which spilled the unaligned fp32 variant (scalar accesses).
     if HAS_M1:
-        m1 = beta1 * _load_f32(m1_ptr + offs, mask, BF16_STATES) + one_minus_beta1 * g
-        _store_f32(m1_ptr + offs, m1, r0, mask, BF16_STATES)
+        m1 = tl.load(m1_ptr + offs, mask=mask)
+        if BF16_STATES:
+            m1 = _from_bf16_bits(m1)
+        m1 = beta1 * m1 + one_minus_beta1 * g
+        if BF16_STATES:
+            tl.store(m1_ptr + offs, _round_bf16_sr(m1, r0), mask=mask)
+        else:
+            tl.store(m1_ptr + offs, m1, mask=mask)
     else:
         m1 = g  # beta1 == 0: the fast EMA is the gradient, no buffer
-    m2 = b3 * _load_f32(m2_ptr + offs, mask, BF16_STATES) + one_minus_b3 * g
-    nu = beta2 * _load_f32(nu_ptr + offs, mask, BF16_STATES) + (one_minus_beta2 * g) * g
+    m2 = tl.load(m2_ptr + offs, mask=mask)
+    nu = tl.load(nu_ptr + offs, mask=mask)
+    if BF16_STATES:
+        m2 = _from_bf16_bits(m2)
+        nu = _from_bf16_bits(nu)
+    m2 = b3 * m2 + one_minus_b3 * g
+    nu = beta2 * nu + (one_minus_beta2 * g) * g
     denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
     update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
-    _store_f32(p_ptr + offs, p - lr * update, r1 >> 16, mask, PARAM_SR)
-    _store_f32(m2_ptr + offs, m2, r0 >> 16, mask, BF16_STATES)
-    _store_f32(nu_ptr + offs, nu, r1, mask, BF16_STATES)
+    p = p - lr * update
+    if PARAM_SR:
+        p = _round_bf16_sr(p, r1 >> 16)
+    tl.store(p_ptr + offs, p, mask=mask)
+    if BF16_STATES:
+        m2 = _round_bf16_sr(m2, r0 >> 16)
+        nu = _round_bf16_sr(nu, r1)
+    tl.store(m2_ptr + offs, m2, mask=mask)
+    tl.store(nu_ptr + offs, nu, mask=mask)
 
 
 @triton.jit
