@@ -153,9 +153,7 @@ def ademamix(
                           weight_decay=weight_decay)
     if param_rounding not in ("nearest", "stochastic"):
         raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {param_rounding!r}")
-    if sr_seed is not None and (isinstance(sr_seed, bool) or not isinstance(sr_seed, int)
-                                or not 0 <= sr_seed < 2**63):
-        raise ValueError(f"sr_seed must be an int in [0, 2**63) or None, got {sr_seed!r}")
+    rounding.check_seed(sr_seed)
     param_sr = param_rounding == "stochastic"
     n = len(params)
     if exp_avg_fasts is None or all(m is None for m in exp_avg_fasts):

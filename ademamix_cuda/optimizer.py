@@ -21,8 +21,6 @@ _EXECUTION_KEYS = ("backend", "state_dtype", "param_rounding")
 _STATE_DTYPE_NAMES = {torch.float32: "float32", "float32": "float32", "fp32": "float32",
                       torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _PARAM_ROUNDINGS = ("nearest", "stochastic")
-_SEED_LIMIT = 2**63
-_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads group indices over the seed space
 
 
 def _state_dtype(p: Tensor, setting: str = "float32") -> torch.dtype:
@@ -33,16 +31,10 @@ def _state_dtype(p: Tensor, setting: str = "float32") -> torch.dtype:
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 
 
-def _group_seed(base: int, index: int) -> int:
-    """The seed of param group `index` when it sets none: the optimizer's for the first group,
-    distinct ones for the others."""
-    return (base ^ (index * _GOLDEN)) % _SEED_LIMIT
-
-
 def _default_seed() -> int:
     """From torch's seed (torch.manual_seed makes a run reproducible) without drawing from its
     generator, so creating the optimizer leaves the random numbers of the program unchanged."""
-    return (torch.initial_seed() * _GOLDEN) % _SEED_LIMIT
+    return rounding.derive_seed(0, torch.initial_seed())
 
 
 def _to_state_dtype(value: Tensor, dtype: torch.dtype, device, seed: int, index: int, step: int,
@@ -111,7 +103,7 @@ class AdEMAMix(Optimizer):
                  state_dtype=torch.float32, param_rounding="nearest", sr_seed=None):
         alpha_warmup = _alias("alpha_warmup", alpha_warmup, "t_alpha", t_alpha)
         beta3_warmup = _alias("beta3_warmup", beta3_warmup, "t_beta3", t_beta3)
-        _check_seed(sr_seed)
+        rounding.check_seed(sr_seed)
         self._base_seed = _default_seed() if sr_seed is None else sr_seed
         defaults = dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
@@ -138,7 +130,8 @@ class AdEMAMix(Optimizer):
             raise
         group["state_dtype"] = _STATE_DTYPE_NAMES[group["state_dtype"]]
         if group["sr_seed"] is None:
-            group["sr_seed"] = _group_seed(self._base_seed, len(self.param_groups) - 1)
+            # the optimizer's seed for the first group, distinct ones for the others
+            group["sr_seed"] = rounding.derive_seed(self._base_seed, len(self.param_groups) - 1)
         self._plans.clear()
 
     def __setstate__(self, state):
@@ -148,7 +141,7 @@ class AdEMAMix(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             if group["sr_seed"] is None:  # a state from before the option, or from elsewhere
-                group["sr_seed"] = _group_seed(self._base_seed, index)
+                group["sr_seed"] = rounding.derive_seed(self._base_seed, index)
         self._plans = {}
         self.backend_used = getattr(self, "backend_used", None)
 
@@ -361,12 +354,6 @@ def _alias(name, value, alias, alias_value):
     return alias_value
 
 
-def _check_seed(seed):
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"sr_seed must be None or an int in [0, 2**63), got {seed!r}")
-
-
 def _check_precision(group):
     """The group's state dtype and param rounding, against its params."""
     state_dtype, rounding_mode = group["state_dtype"], group["param_rounding"]
@@ -375,7 +362,7 @@ def _check_precision(group):
                          f"'bfloat16', 'fp32', 'bf16'), got {state_dtype!r}")
     if rounding_mode not in _PARAM_ROUNDINGS:
         raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {rounding_mode!r}")
-    _check_seed(group.get("sr_seed"))
+    rounding.check_seed(group.get("sr_seed"))
     for p in group["params"]:
         if rounding_mode == "stochastic" and p.dtype != torch.bfloat16:
             raise ValueError(f"param_rounding='stochastic' rounds bf16 params; this group holds a "

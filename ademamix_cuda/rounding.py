@@ -15,10 +15,12 @@ row-major index.
 import torch
 from torch import Tensor
 
-__all__ = ["MASK32", "WRITES", "bits_of", "mix32", "random_words", "round_bf16_sr",
-           "sr_to_bf16", "sub_call_seed"]
+__all__ = ["MASK32", "SEED_LIMIT", "WRITES", "bits_of", "check_seed", "derive_seed", "mix32",
+           "random_words", "round_bf16_sr", "sr_to_bf16", "sub_call_seed"]
 
 MASK32 = 0xFFFFFFFF
+SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63): they fit the op schema's int64
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads small indices over the seed space
 
 # Which 16 bits of an element's two random words (r0, r1) each write takes: (word, shift).
 WRITES = {"exp_avg_fast": (0, 0), "exp_avg_slow": (0, 16), "exp_avg_sq": (1, 0), "param": (1, 16)}
@@ -32,6 +34,18 @@ def mix32(x):
     x = x ^ (x >> 15)
     x = (x * 0x735A2D97) & MASK32
     return x ^ (x >> 15)
+
+
+def check_seed(seed) -> None:
+    """Raises ValueError unless seed is None or an int in [0, 2**63)."""
+    if seed is not None:
+        _check_uint("sr_seed", seed, SEED_LIMIT)
+
+
+def derive_seed(seed: int, k: int) -> int:
+    """The k-th seed derived from `seed` (k = 0 gives seed itself): param group k's, or a
+    dtype sub-call's."""
+    return (seed ^ (k * _GOLDEN)) % SEED_LIMIT
 
 
 def _check_uint(name, value, bound):
@@ -49,7 +63,7 @@ def random_words(seed: int, tensor_index: int, step: int, numel: int,
 
 def _words_at(seed, tensor_index, step, e, *, wide):
     """random_words of the elements at indices e; `wide`: some index is 2**32 or more."""
-    _check_uint("sr_seed", seed, 2**63)
+    _check_uint("sr_seed", seed, SEED_LIMIT)
     _check_uint("tensor_index", tensor_index, 2**32)
     _check_uint("step", step, 2**32)
     tensor_key = mix32((seed >> 32) ^ mix32((seed & MASK32) ^ mix32(tensor_index ^ 0x9E3779B9)))
@@ -118,4 +132,4 @@ def sub_call_seed(seed: int, first_index: int) -> int:
     """The seed of one dtype's sub-call when a call with several param dtypes is split: keyed by
     the smallest index of the call's lists it holds, so sub-calls draw unrelated bits even
     though their tensor indices all restart at 0."""
-    return (seed ^ ((first_index + 1) * 0x9E3779B97F4A7C15)) & (2**63 - 1)
+    return derive_seed(seed, first_index + 1)

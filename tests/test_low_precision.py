@@ -333,10 +333,13 @@ def test_slow_ema_does_not_stall():
         rel = sr[key].double().mean() / fp32[key].double().mean() - 1.0
         assert abs(rel) < 1e-3, f"bf16 SR {key}: mean {rel:+.2e} off the fp32 run's"
     err = (sr["exp_avg_slow"].double() / fp32["exp_avg_slow"].double() - 1.0).abs()
-    # one SR write adds at most 1 bf16 ulp (2^-8 relative) of zero-mean noise; the EMA keeps
-    # (1 - beta3) / (1 + beta3) of its variance: sqrt(5e-5) * 2^-8 / sqrt(3) ~ 2e-5 per element
-    # is the floor, measured ~2 % mean (see README); anything near a stall would be ~90 %.
-    assert err.mean() < 0.05 and err.max() < 0.25, (err.mean().item(), err.max().item())
+    # SR of m + d, with the increment d = (1 - beta3)(g - m) far below the bf16 spacing u, lands
+    # on a neighbour with variance ~u |d|; the EMA keeps that noise for ~1 / (2 (1 - beta3))
+    # steps, so its relative variance is ~(u / m)(g - m) / (2 m): with u / m <= 2^-7 and
+    # (g - m) / m = 0.16 at the end, a relative std of <= 2.5 %, a mean |error| of <= 2 %, and
+    # a largest of ~4 std over 4096 elements (measured: 2.0 % and 8.7 %, see README). A stall
+    # would be ~90 %.
+    assert err.mean() < 0.03 and err.max() < 0.15, (err.mean().item(), err.max().item())
     rel_nearest = nearest["exp_avg_slow"].double().mean() / fp32["exp_avg_slow"].double().mean()
     assert rel_nearest < 0.5, f"plain bf16 m2 reached {rel_nearest:.2f} of fp32: no stall?"
 
