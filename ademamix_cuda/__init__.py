@@ -5,7 +5,7 @@ in-place step over tensor lists for custom trainers; `backends.available()` says
 here and why not.
 """
 from . import backends, functional, schedules
-from .optimizer import AdEMAMix
+from .optimizer import AdEMAMix, AdEMAMix8bit
 from .version import __version__
 
-__all__ = ["AdEMAMix", "backends", "functional", "schedules", "__version__"]
+__all__ = ["AdEMAMix", "AdEMAMix8bit", "backends", "functional", "schedules", "__version__"]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, rounding
+from . import backends, quant, rounding
 from .clip import check_norm_type, clip_scale, grad_norm
 from .dtensor import local_lists
 from .overlap import check_disjoint
@@ -123,6 +123,9 @@ def ademamix(
     backend: str = "auto",
     sr_seed: int | None = None,
     param_rounding: str = "nearest",
+    exp_avg_fast_absmaxs: Sequence[Tensor | None] | None = None,
+    exp_avg_slow_absmaxs: Sequence[Tensor | None] | None = None,
+    exp_avg_sq_absmaxs: Sequence[Tensor | None] | None = None,
 ) -> Tensor | None:
     """One AdEMAMix step, in place, for every (param, grad, states, step) of the lists.
 
@@ -147,6 +150,14 @@ def ademamix(
     stepping the same tensors in several calls (param groups) should give each call its own
     seed. A call holding several param dtypes with SR on runs as one sub-call per dtype, each
     with a seed derived from sr_seed (rounding.sub_call_seed).
+
+    8-bit states (ademamix_cuda.quant): a param whose exp_avg_slow is uint8 has all its states as
+    uint8 codes (contiguous, its shape; the param contiguous too) and one float32 absmax per 256
+    elements in exp_avg_fast_absmaxs / exp_avg_slow_absmaxs / exp_avg_sq_absmaxs (lists with one
+    entry per param: None, or an empty tensor, for the params with unquantized states). Every
+    backend reads, updates and requantizes them in the same pass, with stochastic rounding (the
+    random bits of bf16 states: sr_seed is required); the others keep the call's unquantized
+    state dtype.
     """
     check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
                           beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
@@ -175,7 +186,9 @@ def ademamix(
     norm_type = check_norm_type(norm_type)
     if n == 0:
         return None
-    _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, sr_seed=sr_seed,
+    absmaxs = _absmax_lists(n, beta1, exp_avg_fast_absmaxs, exp_avg_slow_absmaxs,
+                            exp_avg_sq_absmaxs)
+    _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, absmaxs, sr_seed=sr_seed,
                     param_sr=param_sr)
     norm = None
     if max_grad_norm is not None:
@@ -188,11 +201,11 @@ def ademamix(
         raise ValueError(f"unknown backend {backend!r}: choose one of 'auto', "
                          f"{', '.join(map(repr, backends.BACKENDS))}")
     lists = [list(params), list(grads), list(exp_avg_fasts), list(exp_avg_slows), list(exp_avg_sqs),
-             list(state_steps)]
+             list(state_steps)] + _empty_for_none(absmaxs, params[0].device)
     device = lists[0][0].device
     name = backends.resolve(backend, device)
     if name in ("single", "foreach"):
-        _check_tensors(*lists)
+        _check_tensors(*lists[:6])
         check_disjoint(lists)
     else:
         # The kernels check the rest; a device mix must be caught before dispatch, which would
@@ -209,16 +222,72 @@ def ademamix(
     return norm
 
 
-def _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, *, sr_seed, param_sr):
-    """The state dtype and stochastic rounding arguments of a call (exp_avg_fasts may be [])."""
-    bf16_states = exp_avg_slows[0].dtype == torch.bfloat16
-    for name, states in (("exp_avg_fasts", exp_avg_fasts), ("exp_avg_slows", exp_avg_slows),
-                         ("exp_avg_sqs", exp_avg_sqs)):
-        for i, s in enumerate(states):
-            if (s.dtype == torch.bfloat16) != bf16_states:
+_ABSMAX_NAMES = ("exp_avg_fast_absmaxs", "exp_avg_slow_absmaxs", "exp_avg_sq_absmaxs")
+
+
+def _absmax_lists(n, beta1, *given):
+    """The three absmax lists as lists ([] when absent; the fast one [] when beta1 == 0)."""
+    out = []
+    for name, absmax in zip(_ABSMAX_NAMES, given):
+        absmax = [] if absmax is None or (beta1 == 0.0 and name == _ABSMAX_NAMES[0]) else list(absmax)
+        if absmax and len(absmax) != n:
+            raise ValueError(f"{name} must have one entry per param ({n}), got {len(absmax)}")
+        out.append(absmax)
+    return out
+
+
+def _empty_for_none(absmaxs, device):
+    """The absmax lists with None entries as empty tensors (what the kernels take)."""
+    if not any(a is None for lst in absmaxs for a in lst):
+        return [list(lst) for lst in absmaxs]
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    return [[empty if a is None else a for a in lst] for lst in absmaxs]
+
+
+def unquantized_dtype(exp_avg_slows) -> torch.dtype:
+    """The state dtype of a call's params with unquantized states (float32 if all are 8-bit)."""
+    return next((s.dtype for s in exp_avg_slows if s.dtype != torch.uint8), torch.float32)
+
+
+def _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, absmaxs, *, sr_seed,
+                    param_sr):
+    """The state dtypes, the 8-bit states' absmax, and the stochastic rounding arguments of a
+    call (exp_avg_fasts may be [])."""
+    fallback = unquantized_dtype(exp_avg_slows)
+    bf16_states = fallback == torch.bfloat16
+    for i, slow in enumerate(exp_avg_slows):
+        quantized = slow.dtype == torch.uint8
+        for name, states in (("exp_avg_fasts", exp_avg_fasts), ("exp_avg_sqs", exp_avg_sqs),
+                             ("exp_avg_slows", exp_avg_slows)):
+            dtype = states[i].dtype if states else None
+            if states and (dtype == torch.uint8) != quantized:
+                raise TypeError(f"{name}[{i}] is {dtype} but exp_avg_slows[{i}] is {slow.dtype}: a "
+                                "param's states are all 8-bit codes (uint8) or none is")
+            if states and not quantized and (dtype == torch.bfloat16) != bf16_states:
                 raise TypeError(
-                    f"the states of one call must be all float32 or all bfloat16: exp_avg_slows[0] "
-                    f"is {exp_avg_slows[0].dtype} but {name}[{i}] is {s.dtype}")
+                    f"the unquantized states of one call must be all float32 or all bfloat16: "
+                    f"the first is {fallback} but {name}[{i}] is {dtype}")
+        for name, states, lst in zip(_ABSMAX_NAMES, (exp_avg_fasts, exp_avg_slows, exp_avg_sqs),
+                                     absmaxs):
+            if not states:
+                continue
+            absmax = lst[i] if lst else None
+            if quantized:
+                if absmax is None:
+                    raise ValueError(f"params[{i}] has 8-bit states: {name}[{i}] is required")
+                quant.check_absmax(states[i], absmax, f"{name}[{i}]")
+                if absmax.device != params[i].device:
+                    raise RuntimeError(f"{name}[{i}] is on {absmax.device}, its param on "
+                                       f"{params[i].device}")
+                if not (params[i].is_contiguous() and states[i].is_contiguous()):
+                    raise RuntimeError(f"params[{i}] and its 8-bit states must be contiguous (their "
+                                       f"blocks are runs of {quant.BLOCK} elements)")
+            elif absmax is not None and absmax.numel() != 0:
+                raise ValueError(f"{name}[{i}] must be None or empty: params[{i}] has {fallback} "
+                                 "states")
+        if (quantized or bf16_states) and params[i].dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"bfloat16 and 8-bit states need float32, bfloat16 or float16 params: "
+                            f"params[{i}] is {params[i].dtype}")
     if bf16_states:
         for i, p in enumerate(params):
             if p.dtype not in _KERNEL_DTYPES:
@@ -229,9 +298,11 @@ def _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, *, sr_see
             if p.dtype != torch.bfloat16:
                 raise TypeError(f"param_rounding='stochastic' needs bfloat16 params: params[{i}] "
                                 f"is {p.dtype}")
-    if sr_seed is None and (bf16_states or param_sr):
-        raise ValueError("sr_seed is required with bfloat16 states or param_rounding='stochastic' "
-                         "(it keys the random bits of the stochastic rounding)")
+    if sr_seed is None and (bf16_states or param_sr or any(s.dtype == torch.uint8
+                                                            for s in exp_avg_slows)):
+        raise ValueError("sr_seed is required with bfloat16 or 8-bit states or "
+                         "param_rounding='stochastic' (it keys the random bits of the stochastic "
+                         "rounding)")
 
 
 def run(name, lists, *, one_dtype, stepper=None, sr_seed=None, param_sr=False, **hyper):
@@ -243,7 +314,8 @@ def run(name, lists, *, one_dtype, stepper=None, sr_seed=None, param_sr=False, *
     `stepper`: a triton_kernels.Stepper made for exactly these lists, whose host work per step is
     smaller (the optimizer keeps one per param group).
     """
-    stochastic = param_sr or lists[3][0].dtype == torch.bfloat16
+    stochastic = (param_sr or unquantized_dtype(lists[3]) == torch.bfloat16
+                  or any(m.dtype == torch.uint8 for m in lists[3]))
     sr = dict(sr_seed=sr_seed if stochastic else None, param_sr=param_sr)
     if stepper is not None:
         _triton_step(*lists, stepper=stepper, **sr, **hyper)
@@ -268,19 +340,27 @@ def run(name, lists, *, one_dtype, stepper=None, sr_seed=None, param_sr=False, *
         kernel(*call, **sr, **hyper)
 
 
-def _cuda_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
-               **hyper):
+def _absmax_kwargs(absmaxs):
+    """The absmax lists as the kernels' keyword arguments (none when no state is 8-bit)."""
+    if not any(absmaxs):
+        return {}
+    return dict(zip(_ABSMAX_NAMES, absmaxs))
+
+
+def _cuda_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *absmaxs,
+               lr, **hyper):
     op = torch.ops.ademamix.step_
     if isinstance(lr, Tensor):
         if lr.device == params[0].device:
             op = op.tensor_lr
         else:
             lr = lr.item()  # a CPU lr for device params: reading it costs no device sync
-    op(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr, **hyper)
+    op(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr,
+       **_absmax_kwargs(absmaxs), **hyper)
 
 
-def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
-                 stepper=None, **hyper):
+def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *absmaxs,
+                 lr, stepper=None, **hyper):
     from .triton_kernels import ademamix_step_
 
     if isinstance(lr, Tensor) and lr.device != params[0].device:
@@ -289,7 +369,7 @@ def _triton_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state
         stepper.step(grads, lr=lr, **hyper)
         return
     ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr=lr,
-                   **hyper)
+                   **_absmax_kwargs(absmaxs), **hyper)
 
 
 # The torch ops of the update, applied one tensor at a time ("single") or over tensor lists with
@@ -342,20 +422,32 @@ def _step_scalars(t, *, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup):
                 alpha_t=alpha_at(t, alpha, alpha_warmup), bc1=bc1, sqrt_bc2=math.sqrt(bc2))
 
 
-def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *,
+_SIGNED = {"exp_avg_fast": True, "exp_avg_slow": True, "exp_avg_sq": False}  # 8-bit code maps
+
+
+def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
+                exp_avg_fast_absmaxs=(), exp_avg_slow_absmaxs=(), exp_avg_sq_absmaxs=(), *,
                 per_tensor, lr, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
                 weight_decay, maximize, grad_scale, found_inf, sr_seed=None, param_sr=False):
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = float(lr)
-    # Low-precision params, and bf16 states, are updated through fp32 copies.
+    # Low-precision params, bf16 states and 8-bit states are updated through fp32 copies.
     low = [p.dtype in _LOW_PRECISION for p in params]
     work_params = [p.float() if is_low else p for p, is_low in zip(params, low)]
     work_grads = [g.float() if is_low else g for g, is_low in zip(grads, low)]
-    bf16_states = exp_avg_slows[0].dtype == torch.bfloat16
+    bf16_states = unquantized_dtype(exp_avg_slows) == torch.bfloat16
+    quantized = [m.dtype == torch.uint8 for m in exp_avg_slows]
     states = {"exp_avg_fast": exp_avg_fasts, "exp_avg_slow": exp_avg_slows,
               "exp_avg_sq": exp_avg_sqs}
-    work_states = {k: [m.float() for m in v] if bf16_states else v for k, v in states.items()}
+    absmaxs = dict(zip(states, (exp_avg_fast_absmaxs, exp_avg_slow_absmaxs, exp_avg_sq_absmaxs)))
+
+    def work_state(which, i, m):
+        if quantized[i]:
+            return quant.dequantize_blockwise(m, absmaxs[which][i], _SIGNED[which])
+        return m.float() if bf16_states else m
+
+    work_states = {k: [work_state(k, i, m) for i, m in enumerate(v)] for k, v in states.items()}
     work_fasts, work_slows, work_sqs = work_states.values()
     if grad_scale is not None:
         scale = grad_scale.reshape(())  # a [1]-shaped scale must not turn 0-d grads into [1]
@@ -385,15 +477,21 @@ def _torch_step(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_
                 k: [per_step[i][k] for i in indices] for k in per_step[0]}
             _update(_FOREACH_OPS, p, g, m1, m2, nu, **scalars, **constants)
     for i, (p, work, is_low) in enumerate(zip(params, work_params, low)):
-        if bf16_states or param_sr:
+        sr_states = bf16_states and not quantized[i]
+        if sr_states or param_sr or quantized[i]:
             # the kernels' bits: tensor i of this call, the new step, the element's index
             words = rounding.random_words(sr_seed, i, int(steps[i]), p.numel(), p.device)
-        if bf16_states:
-            for which, tensors in states.items():
-                if tensors:
-                    m = tensors[i]
-                    m.copy_(rounding.round_bf16_sr(work_states[which][i],
-                                                   rounding.bits_of(words, which, m)))
+        for which, tensors in states.items():
+            if tensors and quantized[i]:
+                codes, absmax = quant.quantize_blockwise(
+                    work_states[which][i], _SIGNED[which],
+                    rounding.bits_of(words, which, tensors[i]))
+                tensors[i].copy_(codes)
+                absmaxs[which][i].copy_(absmax)
+            elif tensors and sr_states:
+                m = tensors[i]
+                m.copy_(rounding.round_bf16_sr(work_states[which][i],
+                                               rounding.bits_of(words, which, m)))
         if param_sr:
             p.copy_(rounding.round_bf16_sr(work, rounding.bits_of(words, "param", p)))
         elif is_low:

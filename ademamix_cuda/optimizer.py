@@ -6,26 +6,37 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, functional, rounding
+from . import backends, bnb_compat, functional, quant, rounding
 from .clip import check_norm_type, clip_scale
 from .dtensor import check_grad, describe, is_dtensor, local, map_local, same_layout, zeros_state
 from .overlap import check_disjoint
 
-__all__ = ["AdEMAMix"]
+__all__ = ["AdEMAMix", "AdEMAMix8bit"]
 
 _STATE_TENSORS = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+_ABSMAX = {key: f"{key}_absmax" for key in _STATE_TENSORS}  # 8-bit states' absmax keys
+_SIGNED = {"exp_avg_fast": True, "exp_avg_slow": True, "exp_avg_sq": False}
 _KERNEL_BACKENDS = ("cuda", "triton")
 # Settings of how a group runs and stores its states, not of the optimization: a loaded
 # state_dict keeps ours (its states are converted to our state dtype).
-_EXECUTION_KEYS = ("backend", "state_dtype", "param_rounding")
+_EXECUTION_KEYS = ("backend", "state_dtype", "param_rounding", "min_8bit_size", "small_state_dtype")
 _STATE_DTYPE_NAMES = {torch.float32: "float32", "float32": "float32", "fp32": "float32",
-                      torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+                      torch.bfloat16: "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                      torch.uint8: "8bit", "8bit": "8bit", "uint8": "8bit"}
+_SMALL_STATE_DTYPES = ("float32", "bfloat16")  # of the tensors an 8-bit group keeps unquantized
 _PARAM_ROUNDINGS = ("nearest", "stochastic")
 
 
-def _state_dtype(p: Tensor, setting: str = "float32") -> torch.dtype:
-    """bf16 states when the group asks for them (written with stochastic rounding); otherwise
-    fp32 for bf16/fp16 params (a plain bf16 slow EMA stalls), else the param dtype."""
+def _state_dtype(p: Tensor, group: dict | str = "float32") -> torch.dtype:
+    """The dtype of p's states in `group` (or under a state_dtype setting): uint8 codes for 8-bit
+    states (tensors of at least min_8bit_size elements; smaller ones take small_state_dtype);
+    bf16 when asked for (written with stochastic rounding); otherwise fp32 for bf16/fp16 params
+    (a plain bf16 slow EMA stalls), else the param dtype."""
+    setting = group if isinstance(group, str) else group["state_dtype"]
+    if setting == "8bit":
+        if p.numel() >= group["min_8bit_size"]:
+            return torch.uint8
+        setting = _STATE_DTYPE_NAMES[group["small_state_dtype"]]
     if setting == "bfloat16":
         return torch.bfloat16
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
@@ -37,14 +48,26 @@ def _default_seed() -> int:
     return rounding.derive_seed(0, torch.initial_seed())
 
 
-def _to_state_dtype(value: Tensor, dtype: torch.dtype, device, seed: int, index: int, step: int,
-                    key: str) -> Tensor:
-    """A copy of saved state `value` as a state of `dtype` on `device`: exact, except fp32 (or
-    wider) to bf16, which rounds stochastically with the random bits of (seed, index, step)."""
+def _to_state_dtype(value: Tensor, absmax: Tensor | None, dtype: torch.dtype, device, seed: int,
+                    index: int, step: int, key: str) -> tuple[Tensor, Tensor | None]:
+    """A copy of saved state `value` (with its absmax when 8-bit codes) as a state of `dtype` on
+    `device`, and the new absmax (None unless dtype is uint8): codes and absmax are copied as
+    they are; otherwise exact, except to bf16 from fp32 (or wider) and to 8-bit codes, which
+    round stochastically with the random bits of (seed, index, step)."""
     value = value.detach()
+    if value.dtype == torch.uint8:
+        if dtype == torch.uint8:
+            return (value.to(device=device, copy=True),
+                    absmax.detach().to(device=device, dtype=torch.float32, copy=True))
+        value = quant.dequantize_blockwise(value, absmax.detach().to(value.device), _SIGNED[key])
+    if dtype == torch.uint8:
+        value = value.to(device)
+        words = rounding.random_words(seed, index, step, value.numel(), device)
+        return quant.quantize_blockwise(value, _SIGNED[key], rounding.bits_of(words, key, value))
     if dtype != torch.bfloat16 or value.dtype == torch.bfloat16:
-        return value.to(device=device, dtype=dtype, copy=True)
-    return map_local(value, lambda t: rounding.sr_to_bf16(t.to(device), seed, index, step, key))
+        return value.to(device=device, dtype=dtype, copy=True), None
+    return map_local(value, lambda t: rounding.sr_to_bf16(t.to(device), seed, index, step,
+                                                          key)), None
 
 
 @dataclass
@@ -63,6 +86,8 @@ class _Plan:
     exp_avg_slows: list
     exp_avg_sqs: list
     state_steps: list
+    absmaxs: list  # the three absmax lists ([] when no state is 8-bit)
+    min_8bit_size: int
     stepper: object  # the Triton backend's per-group launcher, else None
 
 
@@ -93,6 +118,15 @@ class AdEMAMix(Optimizer):
     reproducible; each param group gets its own seed, saved in its state_dict entry.
     load_state_dict converts saved states to this optimizer's state dtype: bf16 to fp32 exactly,
     fp32 to bf16 by SR keyed by the group's seed, the param's index in its group and its step.
+
+    8-bit states: state_dtype="8bit" (or torch.uint8) stores each of m1, m2 and nu as uint8 codes
+    with one fp32 absmax per 256 elements (ademamix_cuda.quant; state keys "exp_avg_fast" etc.
+    hold the codes, "exp_avg_fast_absmax" etc. the absmax): about 3 bytes per param instead of
+    12. Params with fewer than min_8bit_size (4096) elements keep small_state_dtype states
+    ("float32" or "bfloat16"), stepped in the same launch. Every backend dequantizes, updates
+    and requantizes in the same pass. 8-bit states need contiguous params (no DTensors).
+    load_state_dict converts between 8-bit, bf16 and fp32 states in both directions, and takes a
+    bitsandbytes AdEMAMix state_dict (ademamix_cuda.bnb_compat) as it is.
     """
 
     _step_supports_amp_scaling = True
@@ -100,7 +134,8 @@ class AdEMAMix(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
                  alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False, backend="auto",
                  max_grad_norm=None, norm_type=2.0, t_alpha=None, t_beta3=None,
-                 state_dtype=torch.float32, param_rounding="nearest", sr_seed=None):
+                 state_dtype=torch.float32, param_rounding="nearest", sr_seed=None,
+                 min_8bit_size=quant.MIN_8BIT_SIZE, small_state_dtype="float32"):
         alpha_warmup = _alias("alpha_warmup", alpha_warmup, "t_alpha", t_alpha)
         beta3_warmup = _alias("beta3_warmup", beta3_warmup, "t_beta3", t_beta3)
         rounding.check_seed(sr_seed)
@@ -108,7 +143,8 @@ class AdEMAMix(Optimizer):
         defaults = dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, backend=backend, state_dtype=state_dtype,
-                        param_rounding=param_rounding, sr_seed=None)
+                        param_rounding=param_rounding, sr_seed=None, min_8bit_size=min_8bit_size,
+                        small_state_dtype=small_state_dtype)
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
@@ -129,6 +165,7 @@ class AdEMAMix(Optimizer):
             self.param_groups.pop()
             raise
         group["state_dtype"] = _STATE_DTYPE_NAMES[group["state_dtype"]]
+        group["small_state_dtype"] = _STATE_DTYPE_NAMES[group["small_state_dtype"]]
         if group["sr_seed"] is None:
             # the optimizer's seed for the first group, distinct ones for the others
             group["sr_seed"] = rounding.derive_seed(self._base_seed, len(self.param_groups) - 1)
@@ -173,7 +210,8 @@ class AdEMAMix(Optimizer):
             if clip is not None and scale.device != plan.params[0].device:
                 scale = scale.to(plan.params[0].device)  # a group on another device
             param_sr = group["param_rounding"] == "stochastic"
-            random = param_sr or group["state_dtype"] == "bfloat16"
+            random = (param_sr or group["state_dtype"] != "float32"
+                      or functional.unquantized_dtype(plan.exp_avg_slows) == torch.bfloat16)
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
                          beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
                          eps=group["eps"], weight_decay=group["weight_decay"],
@@ -181,9 +219,9 @@ class AdEMAMix(Optimizer):
                          sr_seed=group["sr_seed"] if random else None, param_sr=param_sr)
             functional.check_hyperparameters(**{k: hyper[k] for k in _HYPER_KEYS})
             lists = [plan.params, grads, plan.exp_avg_fasts, plan.exp_avg_slows, plan.exp_avg_sqs,
-                     plan.state_steps]
+                     plan.state_steps] + plan.absmaxs
             if plan.backend not in _KERNEL_BACKENDS:
-                functional._check_tensors(*lists)
+                functional._check_tensors(*lists[:6])
             functional.run(plan.backend, lists, one_dtype=plan.one_dtype, stepper=plan.stepper,
                            **hyper)
             self.backend_used = plan.backend
@@ -235,7 +273,8 @@ class AdEMAMix(Optimizer):
         plan = self._plans.get(index)
         if (plan is not None and plan.has_grad == has_grad and plan.beta1_zero == beta1_zero
                 and plan.backend_setting == group["backend"]
-                and plan.state_dtype == group["state_dtype"]):
+                and plan.state_dtype == group["state_dtype"]
+                and plan.min_8bit_size == group["min_8bit_size"]):
             return plan
         if not any(has_grad):
             return None
@@ -244,6 +283,7 @@ class AdEMAMix(Optimizer):
         grads = [g for g in grads if g is not None]
         _check_precision(dict(group, params=params))
         group["state_dtype"] = _STATE_DTYPE_NAMES[group["state_dtype"]]  # may be set by hand
+        group["small_state_dtype"] = _STATE_DTYPE_NAMES[group["small_state_dtype"]]
         # Check everything before the first state is created: a bad call changes nothing.
         for i, (p, g) in enumerate(zip(params, grads)):
             check_grad(p, g, i)
@@ -273,15 +313,23 @@ class AdEMAMix(Optimizer):
                      exp_avg_slows=[local(s["exp_avg_slow"]) for s in states],
                      exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
                      state_steps=[s["step"] for s in states])
+        absmaxs = []
+        if any(_ABSMAX["exp_avg_slow"] in s for s in states):
+            empty = torch.empty(0, dtype=torch.float32, device=device)
+            absmaxs = [[s.get(_ABSMAX[key], empty) for s in states]
+                       for key in _STATE_TENSORS if not (beta1_zero and key == "exp_avg_fast")]
+            if beta1_zero:
+                absmaxs.insert(0, [])
         one_dtype = len({p.dtype for p in params}) == 1
         stepper = None
         if backend == "triton" and one_dtype:
             from .triton_kernels import Stepper
 
-            stepper = Stepper(*lists.values())
+            stepper = Stepper(*lists.values(), *absmaxs)
         plan = _Plan(has_grad=has_grad, dtensors=dtensors, beta1_zero=beta1_zero,
                      backend_setting=group["backend"], state_dtype=group["state_dtype"],
-                     backend=backend, one_dtype=one_dtype, stepper=stepper, **lists)
+                     backend=backend, one_dtype=one_dtype, stepper=stepper, absmaxs=absmaxs,
+                     min_8bit_size=group["min_8bit_size"], **lists)
         self._plans[index] = plan
         return plan
 
@@ -289,13 +337,22 @@ class AdEMAMix(Optimizer):
         """Creates p's state, or brings it to the group's settings (step device and dtype, the
         state dtype: converted as load_state_dict converts, a new fast EMA)."""
         state = self.state[p]
-        dtype = _state_dtype(p, group["state_dtype"])
-        zeros = lambda: zeros_state(p, dtype)
+        dtype = _state_dtype(p, group)
+        if dtype == torch.uint8 and (is_dtensor(p) or not p.is_contiguous()):
+            raise ValueError(f"8-bit states need a contiguous plain tensor param, got "
+                             f"{describe(p)} (use state_dtype 'float32' or 'bfloat16' for it)")
+
+        def zeros(key):
+            if dtype == torch.uint8:
+                state[_ABSMAX[key]] = torch.zeros(quant.n_blocks(p.numel()), dtype=torch.float32,
+                                                  device=p.device)
+            return zeros_state(p, dtype)
+
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-            state["exp_avg_fast"] = None if beta1_zero else zeros()
-            state["exp_avg_slow"] = zeros()
-            state["exp_avg_sq"] = zeros()
+            state["exp_avg_fast"] = None if beta1_zero else zeros("exp_avg_fast")
+            state["exp_avg_slow"] = zeros("exp_avg_slow")
+            state["exp_avg_sq"] = zeros("exp_avg_sq")
             return
         step = state["step"]
         if not isinstance(step, Tensor):  # the authors' class counts steps in a Python int
@@ -305,12 +362,24 @@ class AdEMAMix(Optimizer):
         for key in _STATE_TENSORS:
             value = state.get(key)
             if isinstance(value, Tensor) and value.dtype != dtype:
-                state[key] = _to_state_dtype(value, dtype, p.device, group["sr_seed"], position,
-                                             int(state["step"]), key)
+                self._set_state(state, key, value, state.get(_ABSMAX[key]), dtype, p, group,
+                                position)
         if not beta1_zero and state.get("exp_avg_fast") is None:
-            state["exp_avg_fast"] = zeros()  # beta1 became nonzero: the fast EMA starts now
+            state["exp_avg_fast"] = zeros("exp_avg_fast")  # beta1 became nonzero: it starts now
+
+    @staticmethod
+    def _set_state(state, key, value, absmax, dtype, p, group, position):
+        """state[key] (and its absmax key) from `value` converted to `dtype` (_to_state_dtype)."""
+        state[key], new_absmax = _to_state_dtype(value, absmax, dtype, p.device, group["sr_seed"],
+                                                 position, int(state["step"]), key)
+        if new_absmax is None:
+            state.pop(_ABSMAX[key], None)
+        else:
+            state[_ABSMAX[key]] = new_absmax
 
     def load_state_dict(self, state_dict):
+        if bnb_compat.is_bitsandbytes_state_dict(state_dict):
+            state_dict = bnb_compat.from_bitsandbytes(state_dict)
         _check_state_dict(self, state_dict)
         kept = [{k: g[k] for k in _EXECUTION_KEYS + ("sr_seed",)} for g in self.param_groups]
         for saved_group, ours in zip(state_dict["param_groups"], kept):
@@ -334,11 +403,12 @@ class AdEMAMix(Optimizer):
             step = saved["step"]
             state["step"] = (step.detach().to(dtype=torch.float32, copy=True) if isinstance(step, Tensor)
                              else torch.tensor(float(step), dtype=torch.float32))
-            dtype = _state_dtype(p, group["state_dtype"])
+            dtype = _state_dtype(p, group)
             for key in _STATE_TENSORS:
+                state.pop(_ABSMAX[key], None)  # torch's copy of it, if any
                 if isinstance(saved.get(key), Tensor):
-                    state[key] = _to_state_dtype(saved[key], dtype, p.device, group["sr_seed"],
-                                                 in_group[n], int(state["step"]), key)
+                    self._set_state(state, key, saved[key], saved.get(_ABSMAX[key]), dtype, p,
+                                    group, in_group[n])
         self._plans.clear()
 
 
@@ -358,8 +428,14 @@ def _check_precision(group):
     """The group's state dtype and param rounding, against its params."""
     state_dtype, rounding_mode = group["state_dtype"], group["param_rounding"]
     if state_dtype not in _STATE_DTYPE_NAMES:
-        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16 (or 'float32', "
-                         f"'bfloat16', 'fp32', 'bf16'), got {state_dtype!r}")
+        raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or torch.uint8 (or "
+                         f"'float32', 'bfloat16', 'fp32', 'bf16', '8bit'), got {state_dtype!r}")
+    small = group["small_state_dtype"]
+    if _STATE_DTYPE_NAMES.get(small) not in _SMALL_STATE_DTYPES:
+        raise ValueError(f"small_state_dtype must be float32 or bfloat16, got {small!r}")
+    size = group["min_8bit_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"min_8bit_size must be an int >= 0, got {size!r}")
     if rounding_mode not in _PARAM_ROUNDINGS:
         raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {rounding_mode!r}")
     rounding.check_seed(group.get("sr_seed"))
@@ -367,9 +443,10 @@ def _check_precision(group):
         if rounding_mode == "stochastic" and p.dtype != torch.bfloat16:
             raise ValueError(f"param_rounding='stochastic' rounds bf16 params; this group holds a "
                              f"{p.dtype} param (use 'nearest', or bf16 params)")
-        if (_STATE_DTYPE_NAMES[state_dtype] == "bfloat16"
-                and p.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
-            raise ValueError(f"bf16 states need float32, bfloat16 or float16 params, got {p.dtype}")
+        name = {"bfloat16": "bf16", "8bit": "8-bit"}.get(_STATE_DTYPE_NAMES[state_dtype])
+        if name and p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} states need float32, bfloat16 or float16 params, got "
+                             f"{p.dtype}")
 
 
 def _check_group(group):
@@ -425,6 +502,15 @@ def _check_state_dict(optimizer, state_dict):
             if not same_layout(value, p):
                 raise ValueError(f"parameter {index}: {key!r} is {describe(value)} but the parameter "
                                  f"is {describe(p)}: a state must be laid out like its param")
+            if value.dtype == torch.uint8:
+                absmax = saved.get(_ABSMAX[key])
+                if not isinstance(absmax, Tensor):
+                    raise ValueError(f"parameter {index}: {key!r} holds 8-bit codes but the state "
+                                     f"has no {_ABSMAX[key]!r}")
+                try:
+                    quant.check_absmax(value, absmax, f"parameter {index}: {key!r}")
+                except (TypeError, ValueError) as e:
+                    raise ValueError(str(e)) from None
 
 
 def _positions(state_dict):
@@ -433,3 +519,27 @@ def _positions(state_dict):
     torch.distributed.checkpoint's get/set_optimizer_state_dict."""
     ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
     return {pid: n for n, pid in enumerate(ids)}
+
+
+class AdEMAMix8bit(AdEMAMix):
+    """AdEMAMix with 8-bit states, taking the constructor arguments of bitsandbytes'
+    `bnb.optim.AdEMAMix8bit` (and its defaults: alpha 5, weight_decay 0.01) for people migrating:
+    t_alpha and t_beta3 are the warmups of alpha and beta3, min_8bit_size the smallest tensor
+    with 8-bit states (smaller ones keep fp32 states). Paged states do not exist here
+    (is_paged=True is refused). Any other AdEMAMix keyword (backend, max_grad_norm,
+    small_state_dtype, ...) passes through. A bitsandbytes AdEMAMix state_dict loads as it is
+    (see ademamix_cuda.bnb_compat for the conversion)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None,
+                 t_beta3=None, eps=1e-8, weight_decay=1e-2, min_8bit_size=quant.MIN_8BIT_SIZE,
+                 is_paged=False, **kwargs):
+        if is_paged:
+            raise ValueError("is_paged=True: paged optimizer states (bitsandbytes' unified-memory "
+                             "paging) are not supported; 8-bit states already take ~3 bytes per "
+                             "param")
+        if "state_dtype" in kwargs:
+            raise TypeError("AdEMAMix8bit stores 8-bit states; use AdEMAMix(state_dtype=...) for "
+                            "another state dtype")
+        super().__init__(params, lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
+                         eps=eps, weight_decay=weight_decay, state_dtype="8bit",
+                         min_8bit_size=min_8bit_size, **kwargs)

@@ -12,7 +12,8 @@ from torch import Tensor
 __all__ = ["LIST_NAMES", "check_disjoint"]
 
 # The tensor lists of a step, in the order every interface uses.
-LIST_NAMES = ("params", "grads", "exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs", "state_steps")
+LIST_NAMES = ("params", "grads", "exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs", "state_steps",
+              "exp_avg_fast_absmaxs", "exp_avg_slow_absmaxs", "exp_avg_sq_absmaxs")
 _GRADS = LIST_NAMES.index("grads")
 
 

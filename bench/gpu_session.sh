@@ -7,9 +7,10 @@
 #   bash bench/gpu_session.sh bench      the host cost of step() (--host), then the full benchmark
 #                                        with the Triton sweep
 #   bash bench/gpu_session.sh bench-states
-#                                        fp32 against bf16 states (and SR params), gpt set, fp32
-#                                        and bf16 params: a call of its own, so the full benchmark
-#                                        and the sweep keep theirs
+#                                        fp32 against bf16 states (and SR params) and 8-bit
+#                                        states, with bitsandbytes' AdEMAMix (32- and 8-bit) as
+#                                        peers, gpt set, fp32 and bf16 params: a call of its own,
+#                                        so the full benchmark and the sweep keep theirs
 #   bash bench/gpu_session.sh slow       the > 2^31-element test, and ncu on one step of each kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,13 +48,19 @@ case "$stage" in
     "$PY" -m bench --sweep-triton --out "$OUT"
     ;;
   bench-states)
-    # Target: bf16 states at >= 90 % of copy bandwidth (24 B/el against 36: ~1.5x faster than
-    # fp32 states); extra MiB shows whether a step makes param-sized temporaries.
+    # Targets: bf16 states at >= 90 % of copy bandwidth (24 B/el against 36: ~1.5x faster than
+    # fp32 states); 8-bit states (cuda-8bit, triton-8bit) at >= 90 % of copy bandwidth too
+    # (18.09 B/el against 36: ~2x faster than fp32 states) and >= 10x faster than bitsandbytes'
+    # AdEMAMix8bit (bnb8; bnb32 beside it; both say "not installed" where bitsandbytes is not);
+    # extra MiB shows whether a step makes param-sized temporaries.
     rows=cuda,cuda-bf16s,cuda-bf16s-sr,triton,triton-bf16s,triton-bf16s-sr
     rows+=,cuda-graph,cuda-bf16s-graph,triton-graph,triton-bf16s-graph
-    # (the torch paths' SR draws its random bits in int64 temporaries: foreach only, as a peer)
-    rows+=,foreach,foreach-bf16s
-    "$PY" -m bench --sets gpt --dtypes fp32,bf16 --impls "$rows,authors,adamw-fused" --out "$OUT"
+    rows+=,cuda-8bit,triton-8bit,cuda-8bit-graph,triton-8bit-graph
+    # (the torch paths' SR draws its random bits in int64 temporaries, and their 8-bit path
+    # quantizes in full-size temporaries: foreach only, as a peer)
+    rows+=,foreach,foreach-bf16s,foreach-8bit
+    "$PY" -m bench --sets gpt --dtypes fp32,bf16 --impls "$rows,authors,adamw-fused,bnb32,bnb8" \
+      --out "$OUT"
     ;;
   slow)
     "$PY" -m pytest -q -rs -m slow tests

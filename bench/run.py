@@ -22,7 +22,7 @@ from bench.environment import environment, pick_device
 from bench.impls import IMPL_KEYS, IMPLS, label_of, why_not_for_dtype, why_not_run
 from bench.peers import Unavailable
 from bench.report import Progress, first_line, fmt, pyplot, save_figure, text_table
-from bench.step import CHECK_STEPS, DTYPES, TOLERANCE, check, measure
+from bench.step import CHECK_SHAPES, CHECK_STEPS, DTYPES, TOLERANCE, check, measure
 from bench.sweep import SWEEP_CONFIGS, parse_sweep_configs, sweep_summary, sweep_triton
 from bench.timing import copy_bandwidth, free
 
@@ -366,6 +366,9 @@ def main(argv=None):
     if checks:
         errs = ", ".join(f"{k} {v['rel_err']:.1e}" + (f" (tol {v['tol']:.1e})"
                                                      if v["tol"] != TOLERANCE else "")
+                         + (f" [8-bit states on {v['quantized_tensors']}/{len(CHECK_SHAPES)} "
+                            f"tensors; {v['left_out']} elements of tiny grads left out]"
+                            if "left_out" in v else "")
                          if "rel_err" in v else f"{k} {v['status']}"
                          for k, v in checks.items() if k not in not_checked)
         print(f"correctness guard, max |dp - dp_authors| / max |dp_authors| over {CHECK_STEPS} "

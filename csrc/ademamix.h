@@ -37,15 +37,21 @@ constexpr int kUnroll = 2;    // vector groups per thread whose loads are in fli
 constexpr int kScalarUnroll = 4;  // the same for the scalar path (misaligned views, chunk tails)
 constexpr int kNormUnroll = 4;    // vector groups per thread in flight in the gradient norm
 
-// Per-tensor record of the plan (64 B: one cache line per tensor).
+// 8-bit states: m1, m2 and nu as uint8 codes with one fp32 absmax per block of kQBlock
+// elements (absmax lists in the order m1, m2, nu).
+constexpr int kNumAbsmaxLists = 3;
+
+// Per-tensor record of the plan (96 B).
 struct TensorRecord {
   void* ptr[kNumLists];  // indexed by k*Idx; ptr[kExpAvgFastIdx] is null when beta1 == 0
   int64_t numel;
   float* step;
-  int32_t vector_ok;  // every pointer aligned to its kVecElems-element access: the vector path is legal
-  int32_t pad;
+  float* absmax[kNumAbsmaxLists];  // 8-bit states only (absmax[0] null when beta1 == 0)
+  int32_t vector_ok;  // every pointer aligned to its vector access: the vector path is legal
+  int32_t quantized;  // states are 8-bit codes (else the launch's unquantized state dtype)
+  int64_t pad;
 };
-static_assert(sizeof(TensorRecord) == 64, "TensorRecord is one 64-byte line");
+static_assert(sizeof(TensorRecord) == 96, "TensorRecord is 96 bytes");
 
 // One record per CUDA block. An empty tensor still gets one (zero-length) chunk so that its
 // step count is incremented like every other.
@@ -210,13 +216,15 @@ struct ScalarPtrs {
 
 // kBFloat16Sr: bf16 params written with stochastic rounding (param_sr).
 enum class ParamDtype { kFloat32, kBFloat16, kFloat16, kBFloat16Sr };
-// The storage of m1, m2 and nu (one dtype for all three): bf16 states are written with SR.
+// The storage of m1, m2 and nu (one dtype for all three) of the tensors with unquantized
+// states: bf16 states are written with SR.
 enum class StateDtype { kFloat32, kBFloat16 };
 
 // One launch of a kernel over a plan: what the CUDA kernel and the CPU kernels take.
 struct LaunchArgs {
   ParamDtype dtype;
   StateDtype state_dtype;
+  bool quant;  // some tensors have 8-bit states (TensorRecord::quantized)
   bool has_m1;
   LaunchPlan plan;    // in the memory of the tensors' device
   int64_t n_chunks;   // blocks; a CUDA grid size, <= INT32_MAX (checked by build_plan)
@@ -238,15 +246,18 @@ struct StepScalars {
 
 // One compile-time variant of the step: what changes the element loop (the storage and whether
 // m1 exists). Every variant runs the same functions below. Param and State are storage types:
-// Bf16Bits stands for bf16 written with stochastic rounding. The optional scalars (lr tensor,
-// grad_scale, found_inf) are read once per chunk, behind a branch every thread takes alike.
-template <typename Param, typename State, bool HasM1>
+// Bf16Bits stands for bf16 written with stochastic rounding. Quant: the launch holds tensors
+// with 8-bit states, which take the quantized path (State is then the storage of the others).
+// The optional scalars (lr tensor, grad_scale, found_inf) are read once per chunk, behind a
+// branch every thread takes alike.
+template <typename Param, typename State, bool HasM1, bool Quant>
 struct Variant {
   using param_t = Param;
   using state_t = State;
-  static constexpr bool kRandom =
-      std::is_same<Param, Bf16Bits>::value || std::is_same<State, Bf16Bits>::value;
+  static constexpr bool kRandom = std::is_same<Param, Bf16Bits>::value ||
+                                   std::is_same<State, Bf16Bits>::value || Quant;
   static constexpr bool kHasM1 = HasM1;  // false iff beta1 == 0: m1 neither read nor written
+  static constexpr bool kQuant = Quant;  // 8-bit codes are written with SR
 };
 
 // Calls f(Variant<Param, ...>{}) with the runtime flags turned into template arguments.
@@ -260,8 +271,12 @@ void with_bool(bool b, F&& f) {
 }
 
 template <typename Param, typename State, typename F>
-void dispatch_variant(bool has_m1, F&& f) {
-  with_bool(has_m1, [&](auto m1) { f(Variant<Param, State, decltype(m1)::value>{}); });
+void dispatch_variant(bool has_m1, bool quant, F&& f) {
+  with_bool(has_m1, [&](auto m1) {
+    with_bool(quant, [&](auto q) {
+      f(Variant<Param, State, decltype(m1)::value, decltype(q)::value>{});
+    });
+  });
 }
 
 // Calls f(T{}) with T the storage type of param dtype `dtype`: Float, BFloat16 or Half, the
@@ -297,7 +312,7 @@ template <typename Float, typename BFloat16, typename Half, typename F>
 void dispatch_launch(const LaunchArgs& a, F&& f) {
   const auto with_param = [&](auto param) {
     dispatch_state(a.state_dtype, [&](auto state) {
-      dispatch_variant<decltype(param), decltype(state)>(a.has_m1, f);
+      dispatch_variant<decltype(param), decltype(state)>(a.has_m1, a.quant, f);
     });
   };
   if (a.dtype == ParamDtype::kBFloat16Sr) {
@@ -552,6 +567,281 @@ ADEMAMIX_HD float norm_term(float x) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 8-bit blockwise states (ademamix_cuda/quant.py describes the maps). A value is
+// absmax[block] * value(code); the maps are float grids with four mantissa bits, so a code's
+// value and the code nearest a value come from the fp32 bits: bits = (k + kCodeOne - top) <<
+// kCodeShift for magnitude code k >= 1 (top: the code of 1.0). m1 and m2: sign in bit 7 and a
+// 7-bit magnitude (top 127); nu: an 8-bit magnitude (top 255). Written with stochastic rounding,
+// the random bits of bf16 states (m1: r0's low half, m2: its high half, nu: r1's low half).
+
+constexpr int kQBlock = 256;     // elements per absmax
+constexpr int kQLaneElems = 8;   // consecutive elements per lane
+constexpr int kQLanes = kQBlock / kQLaneElems;  // 32: one warp per block on CUDA
+static_assert(kChunkSize % kQBlock == 0, "a block never straddles two chunks");
+constexpr uint32_t kSignedTop = 127u, kUnsignedTop = 255u;
+constexpr int kCodeShift = 19;          // the fp32 mantissa bits a code drops
+constexpr uint32_t kCodeOne = 127u << 4;  // the bits of 1.0 >> kCodeShift
+
+ADEMAMIX_HD int64_t num_qblocks(int64_t numel) { return (numel + kQBlock - 1) / kQBlock; }
+
+template <uint32_t Top>
+ADEMAMIX_HD float magnitude_value(uint32_t k) {
+  return k == 0u ? 0.0f : bits_float((k + (kCodeOne - Top)) << kCodeShift);
+}
+
+// The magnitude code of a in [0, 1], rounded stochastically with the 16 random bits r: up with
+// probability equal to a's fraction of the spacing between its two neighbouring codes. On the
+// grid (four mantissa bits) that fraction is the 19 mantissa bits a code drops, so r << 3 added
+// below them carries into the kept bits with that probability (bf16 SR's construction). Below
+// the smallest magnitude the neighbours are 0 and the smallest: up with probability a / smallest,
+// except with KeepNonzero (nu), where every a > 0 gets at least code 1 (a nonzero nu never reads
+// back as 0, which would step its element by m / eps). 0 and NaN give 0. Branch-free.
+template <uint32_t Top, bool KeepNonzero>
+ADEMAMIX_HD uint32_t magnitude_code(float a, uint32_t r) {
+  const float smallest = bits_float((1u + (kCodeOne - Top)) << kCodeShift);
+  const uint32_t grid = ((float_bits(a) + ((r & 0xFFFFu) << 3)) >> kCodeShift) - (kCodeOne - Top);
+  const bool up = KeepNonzero || static_cast<float>(r & 0xFFFFu) < (a / smallest) * 65536.0f;
+  const uint32_t below = up ? 1u : 0u;
+  return a >= smallest ? grid : (a > 0.0f ? below : 0u);
+}
+
+// nu's code (unsigned map).
+ADEMAMIX_HD uint32_t unsigned_code(float x, uint32_t r) {
+  return magnitude_code<kUnsignedTop, true>(x, r);
+}
+
+ADEMAMIX_HD float signed_value(uint32_t c) {
+  const float m = magnitude_value<kSignedTop>(c & 127u);
+  return (c & 128u) != 0u ? -m : m;
+}
+
+// Zero has one code (0): a negative value that rounds to magnitude 0 gets no sign bit.
+ADEMAMIX_HD uint32_t signed_code(float x, uint32_t r) {
+  const uint32_t m = magnitude_code<kSignedTop, false>(fabsf(x), r);
+  return (x < 0.0f && m != 0u) ? (m | 128u) : m;
+}
+
+// One 8-bit state of a chunk: codes from the chunk's first element, absmax from its first block.
+struct QState {
+  uint8_t* code;
+  float* absmax;
+};
+
+template <class V>
+struct QChunk {
+  using T = typename V::param_t;
+  T* param;
+  const T* grad;
+  QState m1, m2, nu;  // m1 unused without it
+  uint32_t first_lo;  // the low word of the chunk's first element index (param SR bits)
+  int len;
+  bool vec;  // aligned for the vector path
+};
+
+template <class V>
+ADEMAMIX_HD QChunk<V> quant_chunk(const TensorRecord& rec, int64_t chunk, int len) {
+  using T = typename V::param_t;
+  const int64_t start = chunk * kChunkSize;
+  const int64_t first_block = start / kQBlock;
+  const auto state = [&](int list, int abs) {
+    return QState{assume_global(static_cast<uint8_t*>(rec.ptr[list]) + start),
+                  assume_global(rec.absmax[abs] + first_block)};
+  };
+  QChunk<V> c;
+  c.param = assume_global(static_cast<T*>(rec.ptr[kParamIdx]) + start);
+  c.grad = assume_global(static_cast<const T*>(rec.ptr[kGradIdx]) + start);
+  c.m1 = V::kHasM1 ? state(kExpAvgFastIdx, 0) : QState{nullptr, nullptr};
+  c.m2 = state(kExpAvgSlowIdx, 1);
+  c.nu = state(kExpAvgSqIdx, 2);
+  c.first_lo = static_cast<uint32_t>(start);
+  c.len = len;
+  c.vec = rec.vector_ok != 0;
+  return c;
+}
+
+// A lane's elements of one block between the update and the requantization: the new fp32
+// states and their largest magnitudes (NaN kept).
+struct QLaneValues {
+  float m1[kQLaneElems], m2[kQLaneElems], nu[kQLaneElems];
+  float amax[3];
+};
+
+ADEMAMIX_HD int qlane_count(int len, int qblock, int lane) {
+  const int n = len - (qblock * kQBlock + lane * kQLaneElems);
+  return n < 0 ? 0 : (n > kQLaneElems ? kQLaneElems : n);
+}
+
+// Phase one of block `qblock` for lane `lane`: loads, dequantizes, updates and writes the params;
+// the new states stay in `out` until the block's absmax is known.
+template <class V>
+ADEMAMIX_HD void qlane_update(const QChunk<V>& c, int qblock, int lane, const HyperParams& h,
+                              const StepScalars& s, QLaneValues& out) {
+  using T = typename V::param_t;
+  using PackT = Packed<T, kVecElems>;
+  using PackC = Packed<uint8_t, kQLaneElems>;
+  const int first = qblock * kQBlock + lane * kQLaneElems;
+  const int n = qlane_count(c.len, qblock, lane);
+  const bool full = c.vec && n == kQLaneElems;
+  PackT p[2], g[2];
+  PackC c1, c2, c3;
+  if (full) {
+    ADEMAMIX_UNROLL
+    for (int u = 0; u < 2; ++u) {
+      p[u] = *reinterpret_cast<const PackT*>(c.param + first + u * kVecElems);
+      g[u] = *reinterpret_cast<const PackT*>(c.grad + first + u * kVecElems);
+    }
+    if constexpr (V::kHasM1) {
+      c1 = *reinterpret_cast<const PackC*>(c.m1.code + first);
+    }
+    c2 = *reinterpret_cast<const PackC*>(c.m2.code + first);
+    c3 = *reinterpret_cast<const PackC*>(c.nu.code + first);
+  } else {
+    // Unrolled with a predicate: constant indices keep the packs in registers.
+    ADEMAMIX_UNROLL
+    for (int i = 0; i < kQLaneElems; ++i) {
+      if (i < n) {
+        p[i / kVecElems].v[i % kVecElems] = c.param[first + i];
+        g[i / kVecElems].v[i % kVecElems] = c.grad[first + i];
+        if constexpr (V::kHasM1) {
+          c1.v[i] = c.m1.code[first + i];
+        }
+        c2.v[i] = c.m2.code[first + i];
+        c3.v[i] = c.nu.code[first + i];
+      }
+    }
+  }
+  const float a1 = V::kHasM1 ? c.m1.absmax[qblock] : 0.0f;
+  const float a2 = c.m2.absmax[qblock];
+  const float a3 = c.nu.absmax[qblock];
+  out.amax[0] = out.amax[1] = out.amax[2] = 0.0f;
+  ADEMAMIX_UNROLL
+  for (int i = 0; i < kQLaneElems; ++i) {
+    out.m1[i] = out.m2[i] = out.nu[i] = 0.0f;
+    if (i < n) {
+      SrBits r{0u, 0u};
+      if constexpr (V::kRandom) {
+        r = sr_bits(s.sr, c.first_lo + static_cast<uint32_t>(first + i));
+      }
+      T& pv = p[i / kVecElems].v[i % kVecElems];
+      float pf = Cast<T>::to_float(pv);
+      float m1f = 0.0f;
+      if constexpr (V::kHasM1) {
+        m1f = signed_value(c1.v[i]) * a1;
+      }
+      float m2f = signed_value(c2.v[i]) * a2;
+      float nuf = magnitude_value<kUnsignedTop>(c3.v[i]) * a3;
+      ademamix_update<V, float>(pf, Cast<T>::to_float(g[i / kVecElems].v[i % kVecElems]), m1f,
+                                m2f, nuf, h, s);
+      pv = Cast<T>::from_float(pf, r.r1 >> 16);
+      out.m1[i] = m1f;
+      out.m2[i] = m2f;
+      out.nu[i] = nuf;
+      out.amax[0] = norm_combine<true>(out.amax[0], fabsf(m1f));
+      out.amax[1] = norm_combine<true>(out.amax[1], fabsf(m2f));
+      out.amax[2] = norm_combine<true>(out.amax[2], fabsf(nuf));
+    }
+  }
+  if (full) {
+    ADEMAMIX_UNROLL
+    for (int u = 0; u < 2; ++u) {
+      *reinterpret_cast<PackT*>(c.param + first + u * kVecElems) = p[u];
+    }
+  } else {
+    ADEMAMIX_UNROLL
+    for (int i = 0; i < kQLaneElems; ++i) {
+      if (i < n) {
+        c.param[first + i] = p[i / kVecElems].v[i % kVecElems];
+      }
+    }
+  }
+}
+
+// Phase two: the codes of the lane's new states under the block's new absmax `amax` (m1, m2,
+// nu), and (lane 0) the absmax itself. Every lane of the block has finished phase one: the
+// old absmax is read there.
+template <class V>
+ADEMAMIX_HD void qlane_store(const QChunk<V>& c, int qblock, int lane, const StepScalars& s,
+                             const QLaneValues& v, const float* amax) {
+  using PackC = Packed<uint8_t, kQLaneElems>;
+  const int first = qblock * kQBlock + lane * kQLaneElems;
+  const int n = qlane_count(c.len, qblock, lane);
+  PackC c1, c2, c3;
+  ADEMAMIX_UNROLL
+  for (int i = 0; i < kQLaneElems; ++i) {
+    const SrBits r = sr_bits(s.sr, c.first_lo + static_cast<uint32_t>(first + i));
+    if constexpr (V::kHasM1) {
+      c1.v[i] = static_cast<uint8_t>(signed_code(v.m1[i] / amax[0], r.r0));
+    }
+    c2.v[i] = static_cast<uint8_t>(signed_code(v.m2[i] / amax[1], r.r0 >> 16));
+    c3.v[i] = static_cast<uint8_t>(unsigned_code(v.nu[i] / amax[2], r.r1));
+  }
+  if (c.vec && n == kQLaneElems) {
+    if constexpr (V::kHasM1) {
+      *reinterpret_cast<PackC*>(c.m1.code + first) = c1;
+    }
+    *reinterpret_cast<PackC*>(c.m2.code + first) = c2;
+    *reinterpret_cast<PackC*>(c.nu.code + first) = c3;
+  } else {
+    ADEMAMIX_UNROLL
+    for (int i = 0; i < kQLaneElems; ++i) {
+      if (i < n) {
+        if constexpr (V::kHasM1) {
+          c.m1.code[first + i] = c1.v[i];
+        }
+        c.m2.code[first + i] = c2.v[i];
+        c.nu.code[first + i] = c3.v[i];
+      }
+    }
+  }
+  if (lane == 0) {
+    if constexpr (V::kHasM1) {
+      c.m1.absmax[qblock] = amax[0];
+    }
+    c.m2.absmax[qblock] = amax[1];
+    c.nu.absmax[qblock] = amax[2];
+  }
+}
+
+// quant_blocks with the lanes taken in turn (the CPU kernels and the GPU stand-in): phase one
+// for every lane, the absmax over the lanes, phase two.
+template <class Update, class Store>
+inline void serial_quant_blocks(int n_qblocks, Update&& update, Store&& store) {
+  QLaneValues lanes[kQLanes];
+  for (int qb = 0; qb < n_qblocks; ++qb) {
+    float amax[3] = {0.0f, 0.0f, 0.0f};
+    for (int lane = 0; lane < kQLanes; ++lane) {
+      update(qb, lane, lanes[lane]);
+      for (int k = 0; k < 3; ++k) {
+        amax[k] = norm_combine<true>(amax[k], lanes[lane].amax[k]);
+      }
+    }
+    for (int lane = 0; lane < kQLanes; ++lane) {
+      store(qb, lane, lanes[lane], amax);
+    }
+  }
+}
+
+// The lanes of serial_quant_blocks as a Block's quant_blocks (the CPU kernels).
+struct SerialLanes {
+  template <class Update, class Store>
+  void quant_blocks(int n_qblocks, Update&& update, Store&& store) {
+    serial_quant_blocks(n_qblocks, update, store);
+  }
+};
+
+// The whole step of an 8-bit chunk `c` on `b`'s lanes (see step_block).
+template <class V, class Block>
+ADEMAMIX_HD void update_quant_chunk(const QChunk<V>& c, const HyperParams& h,
+                                    const StepScalars& s, Block& b) {
+  b.quant_blocks(
+      static_cast<int>(num_qblocks(c.len)),
+      [&](int qb, int lane, QLaneValues& v) { qlane_update<V>(c, qb, lane, h, s, v); },
+      [&](int qb, int lane, const QLaneValues& v, const float* amax) {
+        qlane_store<V>(c, qb, lane, s, v, amax);
+      });
+}
+
 // Thread `tid`'s partial of one chunk of grads (the same walk as update_chunk_share: vector
 // groups where the tensor is aligned, then single elements).
 template <typename T, bool Inf>
@@ -615,8 +905,10 @@ ADEMAMIX_HD bool is_last_block(BlockCounter* counter, int64_t n_chunks) {
 // `Block` maps the block's threads onto the machine: on CUDA every thread of a real block runs
 // this function; the CPU kernel runs it once per block with the threads taken in turn. It
 // provides for_each_thread(n_busy, f) (f(tid) for every thread; threads >= n_busy have no
-// work), sync() (__syncthreads), leader() (thread 0) and scalars(f) (the chunk's StepScalars
-// from f, which the CPU computes once per block).
+// work), sync() (__syncthreads), leader() (thread 0), scalars(f) (the chunk's StepScalars
+// from f, which the CPU computes once per block) and quant_blocks(n, update, store) (the blocks
+// of an 8-bit chunk: update(block, lane, values) for every lane, the absmax over the lanes,
+// store(block, lane, values, absmax)).
 template <class V, class Block>
 ADEMAMIX_HD void step_block(const LaunchPlan& plan, int64_t block, const HyperParams& h,
                             const ScalarPtrs& d, Block& b) {
@@ -630,13 +922,24 @@ ADEMAMIX_HD void step_block(const LaunchPlan& plan, int64_t block, const HyperPa
   float* const step = assume_global(rec.step);
   const float old_step = *step;
   const int len = chunk_length(rec.numel, chunk.chunk);
-  b.for_each_thread(len, [&](int tid) {
-    update_chunk_share<V>(rec, chunk.chunk, len, tid, h, [&] {
-      return b.scalars([&] {
-        return step_scalars<V>(h, d, old_step + 1.0f, chunk.tensor, chunk.chunk * kChunkSize);
-      });
+  const auto get_scalars = [&] {
+    return b.scalars([&] {
+      return step_scalars<V>(h, d, old_step + 1.0f, chunk.tensor, chunk.chunk * kChunkSize);
     });
-  });
+  };
+  bool done = false;
+  if constexpr (V::kQuant) {
+    if (rec.quantized) {
+      // One warp (on CUDA) per block of kQBlock elements: the block's absmax is a warp reduction.
+      update_quant_chunk<V>(quant_chunk<V>(rec, chunk.chunk, len), h, get_scalars(), b);
+      done = true;
+    }
+  }
+  if (!done) {
+    b.for_each_thread(len, [&](int tid) {
+      update_chunk_share<V>(rec, chunk.chunk, len, tid, h, get_scalars);
+    });
+  }
   b.sync();  // all threads of this block have read the step
   if (b.leader() && is_last_block(plan.counters + chunk.tensor, num_chunks(rec.numel))) {
     *step = old_step + 1.0f;

@@ -215,9 +215,17 @@ void step_chunks(const LaunchArgs& a) {
     for (int64_t c = begin; c < end; ++c) {
       const ChunkRecord chunk = plan.chunks[c];
       const TensorRecord& rec = plan.tensors[chunk.tensor];
-      update_chunk<V>(rec, chunk.chunk, a.hyper,
-                      step_scalars<V>(a.hyper, a.scalars, *rec.step + 1.0f, chunk.tensor,
-                                      chunk.chunk * kChunkSize));
+      const StepScalars s = step_scalars<V>(a.hyper, a.scalars, *rec.step + 1.0f, chunk.tensor,
+                                            chunk.chunk * kChunkSize);
+      if constexpr (V::kQuant) {
+        if (rec.quantized) {
+          SerialLanes lanes;
+          update_quant_chunk<V>(quant_chunk<V>(rec, chunk.chunk, chunk_length(rec.numel, chunk.chunk)),
+                                a.hyper, s, lanes);
+          continue;
+        }
+      }
+      update_chunk<V>(rec, chunk.chunk, a.hyper, s);
     }
   });
   for (int64_t t = 0; t < a.n_tensors; ++t) {

@@ -33,6 +33,10 @@ namespace {
 // registers); the bound keeps it that way. 768 threads, each with kUnroll x 5 16-byte loads in
 // flight, keep HBM3 busy.
 constexpr int kMinBlocksPerSm = 3;
+// The variants with 8-bit states hold a lane's 8 new values of each state in registers until the
+// block's absmax is reduced over the warp: 2 blocks (128 registers) keep them out of local memory,
+// and 16 warps per SM, each with 88 B per lane in flight, still cover HBM's latency.
+constexpr int kMinBlocksPerSmQuant = 2;
 
 // The threads of a real CUDA block (see step_block).
 struct CudaBlock {
@@ -46,10 +50,32 @@ struct CudaBlock {
   __device__ __forceinline__ StepScalars scalars(F&& compute) const {
     return compute();
   }
+  // Warp w takes blocks w, w + kWarps, ...: its 32 lanes hold the block's kQBlock elements, and
+  // the absmax is a butterfly over them (the loop bound is the same for all lanes of a warp).
+  template <class Update, class Store>
+  __device__ __forceinline__ void quant_blocks(int n_qblocks, Update&& update,
+                                               Store&& store) const {
+    static_assert(kQLanes == 32, "one warp per block");
+    constexpr int kWarps = kBlockSize / 32;
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+    for (int qb = static_cast<int>(threadIdx.x) / 32; qb < n_qblocks; qb += kWarps) {
+      QLaneValues v;
+      update(qb, lane, v);
+      float amax[3] = {v.amax[0], v.amax[1], v.amax[2]};
+      ADEMAMIX_UNROLL
+      for (int offset = 16; offset > 0; offset /= 2) {
+        ADEMAMIX_UNROLL
+        for (int k = 0; k < 3; ++k) {
+          amax[k] = norm_combine<true>(amax[k], __shfl_xor_sync(0xffffffffu, amax[k], offset));
+        }
+      }
+      store(qb, lane, v, amax);
+    }
+  }
 };
 
 template <class V>
-__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kBlockSize, V::kQuant ? kMinBlocksPerSmQuant : kMinBlocksPerSm)
     ademamix_step_kernel(LaunchPlan plan, HyperParams h, ScalarPtrs d) {
   CudaBlock block;
   step_block<V>(plan, blockIdx.x, h, d, block);

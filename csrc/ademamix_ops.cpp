@@ -25,6 +25,8 @@ namespace {
 constexpr const char* kOp = "ademamix::step_: ";
 constexpr const char* kListNames[kNumLists] = {"params", "grads", "exp_avg_fasts", "exp_avg_slows",
                                                "exp_avg_sqs"};
+constexpr const char* kAbsmaxNames[kNumAbsmaxLists] = {
+    "exp_avg_fast_absmaxs", "exp_avg_slow_absmaxs", "exp_avg_sq_absmaxs"};
 
 void check_on_device(const at::Tensor& t, const char* list, size_t i, const at::Device& device) {
   TORCH_CHECK(t.defined(), kOp, list, "[", i, "] is undefined");
@@ -106,14 +108,35 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   }
   TORCH_CHECK(!a.param_sr || dtype == at::kBFloat16, kOp,
               "param_sr (stochastic rounding of the params) needs bfloat16 params, got ", dtype);
-  // One state dtype per call, that of the first exp_avg_slow.
-  TORCH_CHECK(a.lists[kExpAvgSlowIdx][0].defined(), kOp, "exp_avg_slows[0] is undefined");
-  const at::ScalarType state_dtype = a.lists[kExpAvgSlowIdx][0].scalar_type();
+  // 8-bit states (uint8 codes) or one unquantized state dtype per call, that of the first
+  // exp_avg_slow that is not uint8 (float32 when all are).
+  const at::TensorList slows = a.lists[kExpAvgSlowIdx];
+  at::ScalarType state_dtype = at::kFloat;
+  bool any_quant = false;
+  bool found_unquantized = false;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slows[i].defined(), kOp, "exp_avg_slows[", i, "] is undefined");
+    const at::ScalarType t = slows[i].scalar_type();
+    if (t == at::kByte) {
+      any_quant = true;
+    } else if (!found_unquantized) {
+      state_dtype = t;
+      found_unquantized = true;
+    }
+  }
   TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16, kOp,
-              "states must be float32 or bfloat16, got ", state_dtype, " for exp_avg_slows[0]");
-  TORCH_CHECK(a.sr_seed.has_value() || (state_dtype == at::kFloat && !a.param_sr), kOp,
-              "sr_seed is required with bfloat16 states or param_sr (it keys the random bits of "
-              "the stochastic rounding)");
+              "states must be float32, bfloat16 or uint8 (8-bit codes), got ", state_dtype,
+              " for exp_avg_slows");
+  for (int j = 0; j < kNumAbsmaxLists; ++j) {
+    const size_t got = a.absmax[j].size();
+    const size_t want = (j == 0 && !has_m1) ? 0 : n;
+    TORCH_CHECK(got == want || (got == 0 && !any_quant), kOp, kAbsmaxNames[j], " must have ",
+                want == 0 ? "no tensors (beta1 == 0)" : "one tensor per param", any_quant ?
+                " (8-bit states need their absmax)" : " or none", ", got ", got);
+  }
+  TORCH_CHECK(a.sr_seed.has_value() || (state_dtype == at::kFloat && !a.param_sr && !any_quant),
+              kOp, "sr_seed is required with bfloat16 or 8-bit states or param_sr (it keys the "
+              "random bits of the stochastic rounding)");
   TORCH_CHECK(!a.sr_seed.has_value() || *a.sr_seed >= 0, kOp, "sr_seed must be >= 0, got ",
               *a.sr_seed);
 
@@ -123,6 +146,7 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
   key.words.push_back(static_cast<uintptr_t>(params[0].element_size()));
   key.words.push_back(PlanKey::kStepPlan);
   key.words.push_back(static_cast<uintptr_t>(at::elementSize(state_dtype)));
+  key.words.push_back(any_quant ? 1 : 0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_on_device(p, "params", i, device);
@@ -132,6 +156,9 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
     check_layout(p, "params", i, p, p_contiguous);
     p.unsafeGetTensorImpl()->bump_version();
     key.words.push_back(reinterpret_cast<uintptr_t>(p.mutable_data_ptr()));
+    const bool quantized = slows[i].scalar_type() == at::kByte;
+    TORCH_CHECK(!quantized || p_contiguous, kOp, "params[", i, "] must be contiguous: the blocks ",
+                "of its 8-bit states are runs of ", kQBlock, " elements in row-major order");
     for (int k = kGradIdx; k < kNumLists; ++k) {
       if (k == kExpAvgFastIdx && !has_m1) {
         key.words.push_back(0);
@@ -139,10 +166,12 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
       }
       const at::Tensor& t = a.lists[k][i];
       check_on_device(t, kListNames[k], i, device);
-      const at::ScalarType want = k == kGradIdx ? dtype : state_dtype;
+      const at::ScalarType want = k == kGradIdx ? dtype : quantized ? at::kByte : state_dtype;
       TORCH_CHECK(t.scalar_type() == want, kOp, kListNames[k], "[", i, "] must be ", want,
                   k == kGradIdx ? " (the dtype of its param)"
-                                : " (one state dtype per call: that of exp_avg_slows[0])",
+                  : quantized   ? " (exp_avg_slows[i] is uint8: all its states are 8-bit codes)"
+                                : " (one unquantized state dtype per call: that of the first "
+                                  "exp_avg_slow that is not uint8)",
                   ", got ", t.scalar_type());
       TORCH_CHECK(t.sizes() == p.sizes(), kOp, kListNames[k], "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has shape ", p.sizes());
@@ -162,6 +191,30 @@ bool check_step_args(const StepArgs& a, c10::DeviceType device_type, PlanKey& ke
     step.unsafeGetTensorImpl()->bump_version();
     key.words.push_back(reinterpret_cast<uintptr_t>(step.mutable_data_ptr()));
     key.words.push_back(static_cast<uintptr_t>(p.numel()));
+    for (int j = 0; j < kNumAbsmaxLists; ++j) {
+      if (a.absmax[j].empty()) {
+        key.words.push_back(0);
+        continue;
+      }
+      const at::Tensor& t = a.absmax[j][i];
+      TORCH_CHECK(t.defined(), kOp, kAbsmaxNames[j], "[", i, "] is undefined");
+      if (!quantized) {
+        TORCH_CHECK(t.numel() == 0, kOp, kAbsmaxNames[j], "[", i, "] must be empty: params[", i,
+                    "] has unquantized states (", state_dtype, "), got ", t.numel(), " elements");
+        key.words.push_back(0);
+        continue;
+      }
+      check_on_device(t, kAbsmaxNames[j], i, device);
+      const int64_t blocks = num_qblocks(p.numel());
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == blocks &&
+                      t.is_contiguous(),
+                  kOp, kAbsmaxNames[j], "[", i, "] must be a contiguous float32 tensor of shape [",
+                  blocks, "] (one absmax per ", kQBlock, " elements of params[", i, "], ",
+                  p.numel(), " elements), got ", t.scalar_type(), " of shape ", t.sizes());
+      t.unsafeGetTensorImpl()->bump_version();
+      key.words.push_back(reinterpret_cast<uintptr_t>(t.mutable_data_ptr()));
+    }
+    key.words.push_back(quantized ? 1 : 0);
   }
   return true;
 }
@@ -184,6 +237,7 @@ bool check_norm_args(at::TensorList grads, c10::DeviceType device_type, PlanKey&
   key.words.push_back(static_cast<uintptr_t>(grads[0].element_size()));
   key.words.push_back(PlanKey::kNormPlan);
   key.words.push_back(sizeof(float));
+  key.words.push_back(0);
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     check_on_device(g, "grads", i, device);
@@ -197,6 +251,9 @@ bool check_norm_args(at::TensorList grads, c10::DeviceType device_type, PlanKey&
     }
     key.words.push_back(0);  // no step count
     key.words.push_back(static_cast<uintptr_t>(g.numel()));
+    for (size_t w = PlanKey::kAbsmaxWord; w < PlanKey::kWordsPerTensor; ++w) {
+      key.words.push_back(0);  // no 8-bit states
+    }
   }
   return true;
 }
@@ -256,6 +313,7 @@ LaunchArgs launch_args(const StepArgs& a, const PlanKey& key, const PlanView& vi
   la.dtype = a.param_sr ? ParamDtype::kBFloat16Sr
                         : param_dtype(a.lists[kParamIdx][0].scalar_type());
   la.state_dtype = key.state_elem_size() == 2 ? StateDtype::kBFloat16 : StateDtype::kFloat32;
+  la.quant = key.quant();
   la.has_m1 = !a.lists[kExpAvgFastIdx].empty();
   la.plan = view.launch_plan();
   la.n_chunks = view.n_chunks;
@@ -277,14 +335,17 @@ namespace {
 
 constexpr const char* kStepsName = "state_steps";
 
-// A tensor's memory in a call: [begin, end) bytes of list `list` (k*Idx, or kNumLists for the
-// step counts), entry `index`.
+// A tensor's memory in a call: [begin, end) bytes of list `list` (k*Idx, kNumLists for the
+// step counts, kNumLists + 1 + j for absmax list j), entry `index`.
 struct Region {
   uintptr_t begin, end;
   int list;
   size_t index;
   bool written() const { return list != kGradIdx; }
-  const char* name() const { return list == kNumLists ? kStepsName : kListNames[list]; }
+  const char* name() const {
+    return list < kNumLists ? kListNames[list] : list == kNumLists ? kStepsName
+                                                                  : kAbsmaxNames[list - kNumLists - 1];
+  }
 };
 
 // Two blocks writing one address race (duplicate step tensors would be counted anywhere from
@@ -294,18 +355,27 @@ void check_disjoint(const PlanKey& key) {
   const size_t elem = key.param_elem_size();
   const size_t state_elem = key.state_elem_size();
   std::vector<Region> regions;
-  regions.reserve(n * (kNumLists + 1));
+  regions.reserve(n * PlanKey::kWordsPerTensor);
   for (size_t i = 0; i < n; ++i) {
     const uintptr_t* w = key.tensor_words(i);
-    const size_t numel = w[kNumLists + 1];
+    const size_t numel = w[PlanKey::kNumelWord];
+    const size_t quant_elem = w[PlanKey::kQuantWord] != 0 ? 1 : state_elem;
     for (int k = 0; k < kNumLists && numel > 0; ++k) {
       if (w[k] != 0) {
-        const size_t bytes = numel * (k == kParamIdx || k == kGradIdx ? elem : state_elem);
+        const size_t bytes = numel * (k == kParamIdx || k == kGradIdx ? elem : quant_elem);
         regions.push_back(Region{w[k], w[k] + bytes, k, i});
       }
     }
-    if (w[kNumLists] != 0) {  // a norm plan has no step counts
-      regions.push_back(Region{w[kNumLists], w[kNumLists] + sizeof(float), kNumLists, i});
+    for (int j = 0; j < kNumAbsmaxLists && numel > 0; ++j) {
+      const uintptr_t at = w[PlanKey::kAbsmaxWord + j];
+      if (at != 0) {
+        const size_t bytes = static_cast<size_t>(num_qblocks(static_cast<int64_t>(numel))) * 4;
+        regions.push_back(Region{at, at + bytes, kNumLists + 1 + j, i});
+      }
+    }
+    const uintptr_t step = w[PlanKey::kStepWord];
+    if (step != 0) {  // a norm plan has no step counts
+      regions.push_back(Region{step, step + sizeof(float), kNumLists, i});
     }
   }
   std::sort(regions.begin(), regions.end(),
@@ -335,6 +405,7 @@ Plan build_plan(const PlanKey& key) {
   // The vector path reads kVecElems elements per access of every list.
   const uintptr_t param_align = kVecElems * key.param_elem_size();
   const uintptr_t state_align = kVecElems * key.state_elem_size();
+  const uintptr_t code_align = kQLaneElems;  // a lane's 8 codes in one access
   Plan plan;
   plan.tensors.resize(n);
   int64_t total_chunks = 0;
@@ -343,14 +414,21 @@ Plan build_plan(const PlanKey& key) {
     TensorRecord& r = plan.tensors[i];
     r = TensorRecord{};
     bool aligned = true;
+    const bool quantized = w[PlanKey::kQuantWord] != 0;
     for (int k = 0; k < kNumLists; ++k) {
       r.ptr[k] = reinterpret_cast<void*>(w[k]);
-      const uintptr_t align = k == kParamIdx || k == kGradIdx ? param_align : state_align;
+      const uintptr_t align = k == kParamIdx || k == kGradIdx ? param_align
+                              : quantized                     ? code_align
+                                                              : state_align;
       aligned = aligned && w[k] % align == 0;
     }
-    r.step = reinterpret_cast<float*>(w[kNumLists]);
-    r.numel = static_cast<int64_t>(w[kNumLists + 1]);
+    r.step = reinterpret_cast<float*>(w[PlanKey::kStepWord]);
+    r.numel = static_cast<int64_t>(w[PlanKey::kNumelWord]);
+    for (int j = 0; j < kNumAbsmaxLists; ++j) {
+      r.absmax[j] = reinterpret_cast<float*>(w[PlanKey::kAbsmaxWord + j]);
+    }
     r.vector_ok = aligned ? 1 : 0;
+    r.quantized = quantized ? 1 : 0;
     total_chunks += num_chunks(r.numel);
   }
   // One block per chunk: the grid's x dimension caps the count.
@@ -380,7 +458,7 @@ namespace {
 // The GPU stand-in: the CUDA kernel's block function (step_block) on host threads, one block
 // at a time per thread, its kBlockSize threads in turn. __syncthreads is a no-op there (the
 // threads before it have all run), thread 0 runs last, and the block counter is a host atomic.
-class HostBlock {
+class HostBlock : public SerialLanes {  // quant_blocks: the lanes in turn
  public:
   template <class F>
   void for_each_thread(int n_busy, F&& f) {
@@ -399,7 +477,6 @@ class HostBlock {
     }
     return scalars_;
   }
-
  private:
   StepScalars scalars_;
   bool have_scalars_ = false;
@@ -503,8 +580,10 @@ at::Tensor norm_partials_no_backend(at::TensorList grads, bool /*inf_norm*/) {
 
 }  // namespace
 
-// States (m1, m2, nu) are all float32 or all bfloat16; bf16 states are written with stochastic
-// rounding, and so are bf16 params with param_sr. The random bits are keyed by sr_seed (required
+// States (m1, m2, nu) are float32 or bfloat16 (one dtype per call), or per tensor 8-bit codes
+// (uint8) with one float32 absmax per 256 elements in the absmax lists (each empty, or one
+// tensor per param: empty tensors for the params with unquantized states). bf16 states are
+// written with stochastic rounding, and so are bf16 params with param_sr. The random bits are keyed by sr_seed (required
 // then), the tensor's index in the lists, the step and the element index (csrc/ademamix.h).
 TORCH_LIBRARY(ademamix, m) {
   m.def(
@@ -513,14 +592,16 @@ TORCH_LIBRARY(ademamix, m) {
       "float lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, int? sr_seed=None, "
-      "bool param_sr=False) -> ()");
+      "bool param_sr=False, Tensor(f!)[]? exp_avg_fast_absmaxs=None, "
+      "Tensor(g!)[]? exp_avg_slow_absmaxs=None, Tensor(h!)[]? exp_avg_sq_absmaxs=None) -> ()");
   m.def(
       "step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_fasts, "
       "Tensor(c!)[] exp_avg_slows, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, *, "
       "Tensor lr, float beta1, float beta2, float beta3, float alpha, int? beta3_warmup, "
       "int? alpha_warmup, float eps, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, int? sr_seed=None, "
-      "bool param_sr=False) -> ()");
+      "bool param_sr=False, Tensor(f!)[]? exp_avg_fast_absmaxs=None, "
+      "Tensor(g!)[]? exp_avg_slow_absmaxs=None, Tensor(h!)[]? exp_avg_sq_absmaxs=None) -> ()");
   // One fp32 partial per chunk of the grads: sums of squares (the 2-norm) or largest magnitudes
   // (inf_norm). The grads are only read.
   m.def("grad_norm_partials(Tensor[] grads, bool inf_norm) -> Tensor");

@@ -30,21 +30,28 @@ struct StepArgs {
   const at::Tensor* found_inf;   // null when absent
   std::optional<int64_t> sr_seed;  // the random bits' seed: required with bf16 states or param_sr
   bool param_sr;                   // bf16 params written with stochastic rounding
+  // 8-bit states: the absmax lists (m1, m2, nu), each empty or one tensor per param
+  at::TensorList absmax[kNumAbsmaxLists];
 };
 
 // What a plan is made of, gathered while the arguments are checked (one pass over the
-// tensors): the device, the param element size, the plan's kind and the state element size
-// (4 or 2; 4 in a norm plan), then per tensor its five
-// data pointers (0 for an absent m1), its step pointer and numel. The plan caches compare keys
-// in full. A norm plan (kind kNormPlan) holds only grads: the other pointers are 0.
+// tensors): the device, the param element size, the plan's kind, the unquantized state element
+// size (4 or 2; 4 in a norm plan) and whether some tensor has 8-bit states, then per tensor its
+// five data pointers (0 for an absent m1), its step pointer, numel, its three absmax pointers
+// (0 unless quantized) and whether it is quantized. The plan caches compare keys in full. A norm
+// plan (kind kNormPlan) holds only grads: the other pointers are 0.
 struct PlanKey {
   static constexpr uintptr_t kStepPlan = 0, kNormPlan = 1;
-  static constexpr size_t kHeaderWords = 4;
-  static constexpr size_t kWordsPerTensor = kNumLists + 2;
+  static constexpr size_t kHeaderWords = 5;
+  static constexpr size_t kStepWord = kNumLists, kNumelWord = kNumLists + 1;
+  static constexpr size_t kAbsmaxWord = kNumLists + 2;  // the first of kNumAbsmaxLists
+  static constexpr size_t kQuantWord = kAbsmaxWord + kNumAbsmaxLists;
+  static constexpr size_t kWordsPerTensor = kQuantWord + 1;
   std::vector<uintptr_t> words;
   size_t n_tensors() const { return (words.size() - kHeaderWords) / kWordsPerTensor; }
   size_t param_elem_size() const { return words[1]; }
   size_t state_elem_size() const { return words[3]; }
+  bool quant() const { return words[4] != 0; }
   const uintptr_t* tensor_words(size_t i) const {
     return words.data() + kHeaderWords + i * kWordsPerTensor;
   }
@@ -168,7 +175,9 @@ void step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              std::optional<int64_t> beta3_warmup, std::optional<int64_t> alpha_warmup, double eps,
              double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, std::optional<int64_t> sr_seed,
-             bool param_sr) {
+             bool param_sr, std::optional<at::TensorList> exp_avg_fast_absmaxs,
+             std::optional<at::TensorList> exp_avg_slow_absmaxs,
+             std::optional<at::TensorList> exp_avg_sq_absmaxs) {
   StepArgs args{{params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs},
                 state_steps,
                 0.0,
@@ -185,7 +194,10 @@ void step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
                 grad_scale.has_value() ? &*grad_scale : nullptr,
                 found_inf.has_value() ? &*found_inf : nullptr,
                 sr_seed,
-                param_sr};
+                param_sr,
+                {exp_avg_fast_absmaxs.value_or(at::TensorList{}),
+                 exp_avg_slow_absmaxs.value_or(at::TensorList{}),
+                 exp_avg_sq_absmaxs.value_or(at::TensorList{})}};
   if constexpr (std::is_same_v<Lr, double>) {
     args.lr = lr;
   } else {

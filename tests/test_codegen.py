@@ -34,7 +34,8 @@ REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256
 WARP_SIZE = 32
 MAX_REGS_PER_THREAD = 255
-# The occupancy the CUDA step kernel is designed for (its __launch_bounds__): 3 resident blocks.
+# The occupancy the CUDA step kernel is designed for (its __launch_bounds__): 3 resident blocks,
+# 2 for the variants with 8-bit states (read from csrc/ademamix_kernel.cu below).
 MIN_BLOCKS_PER_SM = 3
 # A vector access of the state arrays: 16 bytes (4 fp32) per thread.
 VECTOR_BITS = 128
@@ -50,11 +51,11 @@ FP32 = "f"
 # facts from the sources and the register file
 
 
-def header_constant(name):
-    """An integer `constexpr` of csrc/ademamix.h, so the gate follows the kernel's configuration."""
-    text = (ROOT / "csrc" / "ademamix.h").read_text()
+def header_constant(name, source="ademamix.h"):
+    """An integer `constexpr` of csrc/<source>, so the gate follows the kernel's configuration."""
+    text = (ROOT / "csrc" / source).read_text()
     m = re.search(rf"\bconstexpr\s+\w+\s+{name}\s*=\s*(\d+)\s*;", text)
-    assert m, f"constexpr {name} not found in csrc/ademamix.h"
+    assert m, f"constexpr {name} not found in csrc/{source}"
     return int(m.group(1))
 
 
@@ -177,8 +178,8 @@ def local_memory_failures(what, f):
 # ---------------------------------------------------------------------------------------------
 # the CUDA step kernels
 
-# ademamix_step_kernel<Variant<Param, State, HasM1>>: the Param and State arguments and the bool
-# (Lb0E / Lb1E). Bf16Bits is mangled NS_8Bf16BitsE, or as a back-reference (S<n>_) when Param is
+# ademamix_step_kernel<Variant<Param, State, HasM1, Quant>>: the Param and State arguments and
+# the bools (Lb0E / Lb1E). Bf16Bits is mangled NS_8Bf16BitsE, or as a back-reference (S<n>_) when Param is
 # Bf16Bits too.
 _STEP_VARIANT = re.compile(
     r"ademamix_step_kernelI.*?VariantI(f|13__nv_bfloat16|6__half|NS_8Bf16BitsE)"
@@ -190,7 +191,7 @@ def _storage(token):
 
 
 def decode_step_variant(name):
-    """Mangled kernel name -> (param, state, (HasM1,)) or None."""
+    """Mangled kernel name -> (param, state, (HasM1, Quant)) or None."""
     m = _STEP_VARIANT.search(name)
     if m is None:
         return None
@@ -213,24 +214,40 @@ def step_variants(findings):
     return variants, undecoded
 
 
-def check_step_kernels(findings, max_regs):
-    """Every gate on the CUDA step kernels; returns the failures (empty when all hold)."""
+def check_step_kernels(findings, max_regs, max_regs_quant):
+    """Every gate on the CUDA step kernels; returns the failures (empty when all hold).
+    max_regs_quant: the register bound of the variants with 8-bit states."""
     variants, undecoded = step_variants(findings)
     failures = [f"cannot decode the Variant of kernel {n}" for n in undecoded]
     if not variants:
         return failures + ["no ademamix_step_kernel in the extension"]
     for arch in sorted({a for a, *_ in variants}, key=str):
-        have = {(p, st, flags[0]) for a, p, st, flags in variants if a == arch}
-        missing = set(itertools.product(PARAM_BYTES, STATE_BYTES, (0, 1))) - have
-        failures += [f"{arch}: no step kernel for Param={p} State={st} HasM1={m1}"
-                     for p, st, m1 in sorted(missing)]
+        have = {(p, st, flags) for a, p, st, flags in variants if a == arch}
+        missing = set(itertools.product(PARAM_BYTES, STATE_BYTES,
+                                        itertools.product((0, 1), (0, 1)))) - have
+        failures += [f"{arch}: no step kernel for Param={p} State={st} HasM1={m1} Quant={q}"
+                     for p, st, (m1, q) in sorted(missing)]
 
     for (arch, param, state, flags), f in sorted(variants.items(), key=str):
         what = f"{arch} Variant<{param}, {state}, {', '.join(map(str, flags))}>"
-        if f.regs > max_regs:
-            failures.append(f"{what}: {f.regs} registers > {max_regs}, fewer than "
-                            f"{MIN_BLOCKS_PER_SM} blocks fit on an SM")
+        quant = len(flags) > 1 and flags[1] == 1
+        bound = max_regs_quant if quant else max_regs
+        if f.regs > bound:
+            failures.append(f"{what}: {f.regs} registers > {bound}, fewer blocks than the "
+                            f"kernel's __launch_bounds__ fit on an SM")
         failures += local_memory_failures(what, f)
+        if quant:
+            # The 8-bit path: a lane's 8 codes of each state in one 64-bit access, beyond what
+            # the variant without 8-bit states (the same path for the other tensors) has.
+            plain = variants.get((arch, param, state, (flags[0], 0)))
+            n_codes = 2 + flags[0]
+            if plain is None:
+                failures.append(f"{what}: no variant without 8-bit states to compare with")
+            elif (f.loads[64] - plain.loads[64] < n_codes
+                  or f.stores[64] - plain.stores[64] < n_codes):
+                failures.append(f"{what}: {f.loads[64] - plain.loads[64]} 64-bit loads and "
+                                f"{f.stores[64] - plain.stores[64]} stores beyond the plain "
+                                f"variant's, expected >= {n_codes} each (the 8-byte code access)")
         # Per vector group of 4 elements: one 16-byte access per fp32 array (each state: m2, nu,
         # and m1 when HasM1; params and grads when fp32), one 8-byte access per 2-byte array. A
         # scalar vector path has none.
@@ -287,7 +304,9 @@ def test_cuda_step_kernels_sass():
     findings = kernel_findings(parse_res_usage(cuobjdump(tool, "-res-usage", ext)),
                                parse_sass(cuobjdump(tool, "-sass", ext)))
     max_regs = max_registers_per_thread(header_constant("kBlockSize"), MIN_BLOCKS_PER_SM)
-    failures = check_step_kernels(findings, max_regs)
+    max_regs_quant = max_registers_per_thread(
+        header_constant("kBlockSize"), header_constant("kMinBlocksPerSmQuant", "ademamix_kernel.cu"))
+    failures = check_step_kernels(findings, max_regs, max_regs_quant)
     assert not failures, (f"{ext}:\n" + "\n".join(failures)
                           + "\n\nall step kernels:\n" + step_kernel_table(findings))
 
@@ -309,20 +328,25 @@ from triton.backends.compiler import GPUTarget
 from ademamix_cuda.triton_kernels import ademamix as mod
 
 out, variants = Path(sys.argv[1]), json.loads(sys.argv[2])
-fn = mod._ademamix_kernel
 pointers = {"table_ptr": "*i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32"}
 ints = {"seed_lo": "i32", "seed_hi": "i32"}
 blocks = {}
 for tag, v in variants.items():
     sr = v["flags"]["BF16_STATES"] or v["flags"]["PARAM_SR"]
-    blocks[tag] = mod.SR_BLOCK_SIZE if sr else mod.BLOCK_SIZE
+    quant = v.get("kernel") == "8bit"
+    fn = mod._ademamix_8bit_kernel if quant else mod._ademamix_kernel
+    blocks[tag] = mod.SR_BLOCK_SIZE if sr or quant else mod.BLOCK_SIZE
     constexprs = dict(v["flags"], P_DTYPE=getattr(tl, v["dtype"]), BLOCK=blocks[tag])
+    if quant:
+        constexprs["QTILE"] = mod.QUANT_BLOCK_SIZE
+        blocks[tag] = mod.QUANT_BLOCK_SIZE
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, ints.get(a, "fp32"))
                  for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(mod._update_options(), enable_fp_fusion=v.get("fp_fusion", False))
+    programs = mod.MIN_PROGRAMS_PER_SM_QUANT if quant else mod.MIN_PROGRAMS_PER_SM
+    options = dict(mod._update_options(programs), enable_fp_fusion=v.get("fp_fusion", False))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     (out / f"{tag}.ptx").write_text(k.asm["ptx"])
     (out / f"{tag}.cubin").write_bytes(k.asm["cubin"])
@@ -363,9 +387,21 @@ TRITON_VARIANTS.update({
         *storage, **{k: True for k in _TRITON_FLAGS})
     for storage in TRITON_STORAGE
 })
+# The 8-bit kernel (its rows with 8-bit states, and float rows beside them): per storage of the
+# params and of the float rows, with and without m1, and with every flag on.
+TRITON_VARIANTS.update({
+    f"q8_{_storage_tag(*storage)}_m1{m1}_aligned": dict(
+        _triton_variant(*storage, HAS_M1=bool(m1)), kernel="8bit")
+    for storage in (("float32", False, False), ("bfloat16", False, False),
+                    ("bfloat16", True, True), ("float16", False, False))
+    for m1 in (0, 1)
+})
+TRITON_VARIANTS["q8_fp32_allflags_aligned"] = dict(
+    _triton_variant("float32", False, False, **{k: True for k in _TRITON_FLAGS}), kernel="8bit")
 TRITON_ALIGNED = list(TRITON_VARIANTS)
 # Resident programs per SM the aligned variants must allow (as MIN_BLOCKS_PER_SM for CUDA).
 TRITON_MIN_PROGRAMS_PER_SM = 3
+TRITON_MIN_PROGRAMS_PER_SM_QUANT = 2  # the 8-bit kernel's, as the CUDA kernel's 8-bit variants
 # the negative controls: without the alignment promise the compiler may not vectorize; with fp
 # fusion it contracts multiply-adds
 TRITON_VARIANTS["fp32_unaligned"] = dict(dtype="float32", flags=dict(
@@ -462,15 +498,18 @@ def triton_builds(tmp_path_factory):
     builds = {}
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for tag, findings in zip(tags, pool.map(disassemble, tags)):
-            assert list(findings) == [(None, "_ademamix_kernel")], f"{tag}: kernels {list(findings)}"
-            builds[tag] = ((out / f"{tag}.ptx").read_text(), findings[(None, "_ademamix_kernel")])
+            name = ("_ademamix_8bit_kernel" if TRITON_VARIANTS[tag].get("kernel") == "8bit"
+                    else "_ademamix_kernel")
+            assert list(findings) == [(None, name)], f"{tag}: kernels {list(findings)}"
+            builds[tag] = ((out / f"{tag}.ptx").read_text(), findings[(None, name)])
     return builds, meta
 
 
 def _expected_vectors(meta, tag):
     v = TRITON_VARIANTS[tag]
     elems_per_thread = meta["blocks"][tag] // (WARP_SIZE * meta["num_warps"])
-    state_bytes = 2 if v["flags"]["BF16_STATES"] else 4
+    # 8-bit codes: a thread's run of 1-byte codes is no vector (32 bits); its params and grads are
+    state_bytes = 1 if v.get("kernel") == "8bit" else 2 if v["flags"]["BF16_STATES"] else 4
     return triton_expected_vectors(PARAM_DTYPE_BYTES[v["dtype"]], state_bytes,
                                    v["flags"]["HAS_M1"], elems_per_thread)
 
@@ -492,10 +531,12 @@ def test_triton_aligned_registers_fit_occupancy(triton_builds, tag):
     # gate above shows that ptxas fits under it without spilling.
     builds, meta = triton_builds
     _, findings = builds[tag]
-    max_regs = max_registers_per_thread(WARP_SIZE * meta["num_warps"], TRITON_MIN_PROGRAMS_PER_SM)
+    programs = (TRITON_MIN_PROGRAMS_PER_SM_QUANT if TRITON_VARIANTS[tag].get("kernel") == "8bit"
+                else TRITON_MIN_PROGRAMS_PER_SM)
+    max_regs = max_registers_per_thread(WARP_SIZE * meta["num_warps"], programs)
     assert findings.regs <= max_regs, (
         f"triton {meta['triton']} {tag}: {findings.regs} registers > {max_regs}, fewer than "
-        f"{TRITON_MIN_PROGRAMS_PER_SM} programs of {meta['num_warps']} warps fit on an SM")
+        f"{programs} programs of {meta['num_warps']} warps fit on an SM")
 
 
 def test_triton_unaligned_has_no_vector_loads(triton_builds):
@@ -535,10 +576,10 @@ def _mangled(param, state, flags):
             "EEEEvNS_10LaunchPlanENS_11HyperParamsENS_10ScalarPtrsE")
 
 
-def _healthy_kernels(max_regs):
+def _healthy_kernels(max_regs, max_regs_quant):
     """{name: (resources, [SASS instructions])} shaped like the real sm_90 output."""
     kernels = {}
-    for param, state, has_m1 in itertools.product(PARAM_BYTES, STATE_BYTES, (0, 1)):
+    for param, state, has_m1, q in itertools.product(PARAM_BYTES, STATE_BYTES, (0, 1), (0, 1)):
         vec_param = "128" if PARAM_BYTES[param] == 4 else "64"
         vec_state = "128" if STATE_BYTES[state] == 4 else "64"
         n_states = 2 + has_m1
@@ -548,11 +589,13 @@ def _healthy_kernels(max_regs):
                  + [f"LDG.E.{vec_state} R12, desc[UR4][R4.64]"] * n_states
                  + [f"STG.E.{vec_param} desc[UR4][R2.64], R8"]
                  + [f"STG.E.{vec_state} desc[UR4][R4.64], R12"] * n_states
+                 + ["LDG.E.64 R20, desc[UR4][R4.64]"] * (n_states * q)
+                 + ["STG.E.64 desc[UR4][R4.64], R20"] * (n_states * q)
                  + ["@!P0 LDG.E R9, desc[UR4][R2.64]",
                     "ATOMG.E.ADD.STRONG.GPU PT, R0, desc[UR4][R2.64], R5",
                     "STG.E desc[UR4][R2.64], RZ", "EXIT"])
-        res = {"REG": max_regs, "STACK": 0, "SHARED": 0, "LOCAL": 0}
-        kernels[_mangled(param, state, (has_m1,))] = (res, insns)
+        res = {"REG": max_regs_quant if q else max_regs, "STACK": 0, "SHARED": 0, "LOCAL": 0}
+        kernels[_mangled(param, state, (has_m1, q))] = (res, insns)
     return kernels
 
 
@@ -571,13 +614,13 @@ def _render(kernels):
     return "".join(res), "".join(sass)
 
 
-def _names(kernels, param, has_m1, state=FP32):
+def _names(kernels, param, has_m1, state=FP32, quant=0):
     return [n for n in kernels if (v := decode_step_variant(n))[:2] == (param, state)
-            and v[2][0] == has_m1]
+            and v[2] == (has_m1, quant)]
 
 
-def _first(kernels, param, has_m1, state=FP32):
-    return _names(kernels, param, has_m1, state)[0]
+def _first(kernels, param, has_m1, state=FP32, quant=0):
+    return _names(kernels, param, has_m1, state, quant)[0]
 
 
 def _scalar_vector_path(kernels, max_regs):
@@ -612,6 +655,18 @@ def _scalar_bf16_states(kernels, max_regs):
     kernels[name] = (res, [i.replace("G.E.64 ", "G.E.U16 ") for i in insns])
 
 
+def _scalar_codes(kernels, max_regs):
+    name = _first(kernels, FP32, 1, quant=1)
+    res, insns = kernels[name]
+    kernels[name] = (res, [i.replace("G.E.64 R20", "G.E.U8 R20").replace("G.E.64 desc", "G.E.U8 desc")
+                           for i in insns])
+
+
+def _too_many_registers_8bit(kernels, max_regs):
+    name = _first(kernels, "13__nv_bfloat16", 1, quant=1)
+    kernels[name][0]["REG"] += 8
+
+
 def _lost_variant(kernels, max_regs):
     for name in _names(kernels, "13__nv_bfloat16", 1):
         del kernels[name]
@@ -629,6 +684,8 @@ def _lost_sr_variant(kernels, max_regs):
     pytest.param(_too_many_registers, "registers >", id="too_many_registers"),
     pytest.param(_scalar_two_byte_params, "64-bit loads", id="scalar_two_byte_params"),
     pytest.param(_scalar_bf16_states, "64-bit loads", id="scalar_bf16_states"),
+    pytest.param(_scalar_codes, "8-byte code access", id="scalar_codes"),
+    pytest.param(_too_many_registers_8bit, "registers >", id="too_many_registers_8bit"),
     pytest.param(_lost_variant, "no step kernel for Param=13__nv_bfloat16 State=f HasM1=1",
                  id="lost_variant"),
     pytest.param(_lost_sr_variant, "no step kernel for Param=Bf16Bits State=Bf16Bits HasM1=0",
@@ -636,14 +693,17 @@ def _lost_sr_variant(kernels, max_regs):
 ])
 def test_sass_checker_catches_broken_kernels(breakage, expected):
     max_regs = max_registers_per_thread(header_constant("kBlockSize"), MIN_BLOCKS_PER_SM)
-    kernels = _healthy_kernels(max_regs)
+    max_regs_quant = max_registers_per_thread(header_constant("kBlockSize"), 2)
+    kernels = _healthy_kernels(max_regs, max_regs_quant)
     res, sass = _render(kernels)
     healthy = kernel_findings(parse_res_usage(res), parse_sass(sass))
-    # the synthetic healthy build passes, with its registers exactly at the bound
-    assert len(healthy) == len(kernels) and check_step_kernels(healthy, max_regs) == []
+    # the synthetic healthy build passes, with its registers exactly at the bounds
+    assert (len(healthy) == len(kernels)
+            and check_step_kernels(healthy, max_regs, max_regs_quant) == [])
     breakage(kernels, max_regs)
     res, sass = _render(kernels)
-    failures = check_step_kernels(kernel_findings(parse_res_usage(res), parse_sass(sass)), max_regs)
+    failures = check_step_kernels(kernel_findings(parse_res_usage(res), parse_sass(sass)),
+                                  max_regs, max_regs_quant)
     assert any(expected in msg for msg in failures), failures
 
 

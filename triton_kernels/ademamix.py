@@ -9,6 +9,11 @@ increments the step counters. Tables are built once per set of tensor storages a
 The math is csrc/ademamix.h's, operation by operation (the same fp32 operations in the same order,
 IEEE divisions and square roots, no fused multiply-adds, the same expm1 and random bits), so every
 backend computes the same bits: interpreted Triton those of the op's CPU kernel.
+
+8-bit states (ademamix_cuda/quant.py): a call with uint8 codes builds rows of _QROW columns (the
+chunk's absmax addresses and a flag) and runs _ademamix_8bit_kernel, which branches per row: rows
+with 8-bit states dequantize, update in fp32 as above and requantize per block of 256 with the
+new absmax; the other rows run the float-state path. Calls without them are unchanged.
 """
 import contextlib
 import math
@@ -34,11 +39,18 @@ BLOCK_SIZE = 2048   # elements per loop iteration of a program
 # thread, not 8. With 8, the random bits pushed ptxas (triton 3.8) past 100 registers (or to spills
 # at 80), and fp32 params next to bf16 states needed a layout change through shared memory.
 SR_BLOCK_SIZE = 1024
+# Elements per loop iteration of a row with 8-bit states (whole absmax blocks: a multiple of 256):
+# the fp32 values of m1, m2, nu and the param live together until each block's absmax is known.
+# With 2048 (8 a thread) ptxas (triton 3.8, sm_90) spilled under the 80-register cap.
+QUANT_BLOCK_SIZE = 1024
 NUM_WARPS = 8
 # The update kernel is built for this many resident programs per SM, as the CUDA kernel is by its
 # __launch_bounds__: its registers are capped at what they allow (80 for 8 warps). Uncapped,
 # ptxas (triton 3.6) gave bf16/fp16 params with m1 100 registers, where 3.8 fits 80 unspilled.
 MIN_PROGRAMS_PER_SM = 3
+# The 8-bit kernel: 2 (128 registers), as the CUDA kernel's 8-bit variants. Its stochastic
+# rounding's random words spilled 8-24 bytes under the 80-register cap of 3.
+MIN_PROGRAMS_PER_SM_QUANT = 2
 _STEP_BLOCK = 1024  # step counters per program of the increment kernel
 _MAX_PLANS = 8      # cached tables (one per parameter set/dtype group; a few more for churn)
 
@@ -52,6 +64,14 @@ _STEP = tl.constexpr(5)
 _LEN = tl.constexpr(6)
 _KEY = tl.constexpr(7)  # (tensor's index in the call << _START_BITS) | chunk's first element
 _ROW = tl.constexpr(8)  # padded to 64 bytes
+# Tables of calls with 8-bit states (_ademamix_8bit_kernel) have rows of _QROW columns: the eight
+# above, then the addresses of the chunk's first absmax of m1, m2, nu (0 in rows without 8-bit
+# states) and whether the row's states are 8-bit (1) or of the call's float state dtype (0).
+_A1 = tl.constexpr(8)
+_A2 = tl.constexpr(9)
+_ANU = tl.constexpr(10)
+_QUANT = tl.constexpr(11)
+_QROW = tl.constexpr(12)
 _START_BITS = tl.constexpr(40)
 _START_MASK = tl.constexpr(2**_START_BITS.value - 1)
 
@@ -229,26 +249,23 @@ def _row_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr)
     return ptr
 
 
-def _update_options():
-    """Compile options of the update kernel's launches: NUM_WARPS, the register cap of
-    MIN_PROGRAMS_PER_SM (64K registers an SM, allocated 8 a thread at a time), and no fp fusion:
-    no multiply-add is contracted, as in the other backends."""
-    regs = 65536 // (MIN_PROGRAMS_PER_SM * NUM_WARPS * 32) // 8 * 8
+def _update_options(programs_per_sm=MIN_PROGRAMS_PER_SM):
+    """Compile options of the update kernels' launches: NUM_WARPS, the register cap of
+    `programs_per_sm` resident programs (64K registers an SM, allocated 8 a thread at a time), and
+    no fp fusion: no multiply-add is contracted, as in the other backends."""
+    regs = 65536 // (programs_per_sm * NUM_WARPS * 32) // 8 * 8
     return dict(num_warps=NUM_WARPS, maxnreg=min(regs, 255), enable_fp_fusion=False)
 
 
-# The seed words are int32 bit patterns, unspecialized: one compiled kernel for every seed.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1,
-                     ln_beta1, beta2, one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1,
-                     f_beta3, ln_half, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                     seed_lo, seed_hi, P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr,
-                     MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                     BF16_STATES: tl.constexpr, PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    # BF16_STATES: m1, m2, nu are bf16 (accessed as their bits), written with stochastic
-    # rounding; PARAM_SR: so are the (bf16) params.
+@triton.jit
+def _prologue(row, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1, ln_beta1,
+              beta2, one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half,
+              alpha, beta3_warmup, alpha_warmup, eps, weight_decay, seed_lo, seed_hi,
+              HAS_M1: tl.constexpr, MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+              HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, NEED_KEYS: tl.constexpr):
+    """What a program of the update kernels computes before its chunk: the scalars in fp32, the
+    step's scalars (_schedules), the chunk's length (0 when found_inf skips the step) and, with
+    NEED_KEYS, the keys of its random bits."""
     # Python floats arrive as fp32 from eager launches but may be fp64 from compiled callers.
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
@@ -276,13 +293,6 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
     if MAXIMIZE:
         grad_mult = -grad_mult
 
-    row = table_ptr + tl.program_id(0).to(tl.int64) * _ROW
-    S_DTYPE: tl.constexpr = tl.uint16 if BF16_STATES else tl.float32
-    p_ptr = _row_ptr(row, _P, tl.uint16 if PARAM_SR else P_DTYPE, ALIGNED)
-    g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
-    m1_ptr = _row_ptr(row, _M1, S_DTYPE, ALIGNED)
-    m2_ptr = _row_ptr(row, _M2, S_DTYPE, ALIGNED)
-    nu_ptr = _row_ptr(row, _NU, S_DTYPE, ALIGNED)
     t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))  # already incremented
     n = tl.load(row + _LEN).to(tl.int32)  # < CHUNK_SIZE: offsets in a chunk fit in 32 bits
     if HAS_FOUND_INF:
@@ -292,20 +302,29 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
         t, ln_beta1, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
         beta3_warmup, alpha_warmup, HAS_M1)
     first_lo, k0, k1 = 0, 0, 0
-    if BF16_STATES or PARAM_SR:
+    if NEED_KEYS:
         key = tl.load(row + _KEY)
         chunk_start = key & _START_MASK
         k0, k1 = _sr_keys(seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True),
                           (key >> _START_BITS).to(tl.uint32), t.to(tl.uint32),
                           (chunk_start >> 32).to(tl.uint32))
         first_lo = (chunk_start & 0xFFFFFFFF).to(tl.uint32)
+    return (lr, grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, n,
+            inv_bc1, inv_sqrt_bc2, alpha_t, b3, one_minus_b3, first_lo, k0, k1)
 
-    # Full blocks unmasked (vector loads), then the masked tail in half blocks (at most two).
-    # A masked block is scalar accesses, each element with its own predicate, and costs more
-    # registers than a full one: a whole masked block pushed ptxas (triton 3.8, bf16/fp16 params
-    # with m1) to a spill at 80 registers, or past 80 (fewer programs per SM). Half blocks halve
-    # the tail's live values; the full blocks' code is unchanged (tests/test_codegen.py).
-    SCALE_GRAD: tl.constexpr = HAS_GRAD_SCALE or MAXIMIZE
+
+@triton.jit
+def _update_rows(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, n, lr, grad_mult, beta1, one_minus_beta1,
+                 beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1, inv_sqrt_bc2, alpha_t, eps,
+                 weight_decay, first_lo, k0, k1, HAS_M1: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                 BF16_STATES: tl.constexpr, PARAM_SR: tl.constexpr, BLOCK: tl.constexpr):
+    """The chunk of a row with float states (fp32, or bf16 as their bits): full blocks unmasked
+    (vector loads), then the masked tail in half blocks (at most two).
+
+    A masked block is scalar accesses, each element with its own predicate, and costs more
+    registers than a full one: a whole masked block pushed ptxas (triton 3.8, bf16/fp16 params
+    with m1) to a spill at 80 registers, or past 80 (fewer programs per SM). Half blocks halve
+    the tail's live values; the full blocks' code is unchanged (tests/test_codegen.py)."""
     n_full = n // BLOCK
     for i in range(0, n_full):
         offs = tl.max_contiguous(tl.multiple_of(i * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -320,6 +339,207 @@ def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1
                          one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
                          inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1,
                          SCALE_GRAD, BF16_STATES, PARAM_SR, True)
+
+
+# The seed words are int32 bit patterns, unspecialized: one compiled kernel for every seed.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _ademamix_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1,
+                     ln_beta1, beta2, one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1,
+                     f_beta3, ln_half, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
+                     seed_lo, seed_hi, P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     BF16_STATES: tl.constexpr, PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    # BF16_STATES: m1, m2, nu are bf16 (accessed as their bits), written with stochastic
+    # rounding; PARAM_SR: so are the (bf16) params.
+    row = table_ptr + tl.program_id(0).to(tl.int64) * _ROW
+    (lr, grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, n, inv_bc1,
+     inv_sqrt_bc2, alpha_t, b3, one_minus_b3, first_lo, k0, k1) = _prologue(
+        row, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1, ln_beta1, beta2,
+        one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
+        beta3_warmup, alpha_warmup, eps, weight_decay, seed_lo, seed_hi, HAS_M1, MAXIMIZE,
+        LR_IS_TENSOR, HAS_GRAD_SCALE, HAS_FOUND_INF, BF16_STATES or PARAM_SR)
+    S_DTYPE: tl.constexpr = tl.uint16 if BF16_STATES else tl.float32
+    p_ptr = _row_ptr(row, _P, tl.uint16 if PARAM_SR else P_DTYPE, ALIGNED)
+    g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
+    m1_ptr = _row_ptr(row, _M1, S_DTYPE, ALIGNED)
+    m2_ptr = _row_ptr(row, _M2, S_DTYPE, ALIGNED)
+    nu_ptr = _row_ptr(row, _NU, S_DTYPE, ALIGNED)
+    _update_rows(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, n, lr, grad_mult, beta1, one_minus_beta1,
+                 beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1, inv_sqrt_bc2, alpha_t, eps,
+                 weight_decay, first_lo, k0, k1, HAS_M1, HAS_GRAD_SCALE or MAXIMIZE, BF16_STATES,
+                 PARAM_SR, BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit blockwise states (ademamix_cuda/quant.py): uint8 codes, one fp32 absmax per _QBLOCK
+# consecutive elements. A code's value and a value's code are integer operations on the fp32 bits
+# (no table, no gather): magnitude code k of a map whose 1.0 is code `top` has the value whose
+# bits are (k + _Q_ONE - top) << _Q_SHIFT (k = 0: 0).
+
+_QBLOCK = tl.constexpr(256)  # quant.BLOCK; CHUNK_SIZE is a multiple: no block straddles chunks
+_Q_SHIFT = tl.constexpr(19)  # 23 - quant.MANTISSA_BITS
+_Q_ONE = tl.constexpr(2032)  # the bits of 1.0 >> _Q_SHIFT
+# the smallest nonzero magnitude of the signed (top 127) and unsigned (top 255) maps
+_Q_SMALLEST_SIGNED = tl.constexpr(float.fromhex("0x1.2p-8"))
+_Q_SMALLEST_UNSIGNED = tl.constexpr(float.fromhex("0x1.2p-16"))
+
+
+@triton.jit
+def _values_of(codes, absmax, SIGNED: tl.constexpr):
+    """uint8 codes [NB, _QBLOCK] -> fp32 values: the code's value times its block's absmax [NB]."""
+    c = codes.to(tl.int32)
+    TOP: tl.constexpr = 127 if SIGNED else 255
+    k = c & 127 if SIGNED else c
+    v = ((k + (_Q_ONE - TOP)) << _Q_SHIFT).to(tl.float32, bitcast=True)
+    v = tl.where(k == 0, 0.0, v)
+    if SIGNED:
+        v = tl.where(c >= 128, -v, v)
+    return v * absmax[:, None]
+
+
+@triton.jit
+def _codes_of(x, valid, r, SIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """fp32 values [NB, _QBLOCK] -> (uint8 codes, fp32 absmax [NB]): each block's largest
+    magnitude among its valid elements (NaN if one is NaN), and each value over it rounded
+    stochastically to a code with the low 16 bits of r (uint32, x's shape; NaN: code 0): on the
+    grid r << 3 added below the 19 mantissa bits a code drops; below the smallest magnitude up
+    with probability x / smallest (the unsigned map: every x > 0 at least code 1)."""
+    TOP: tl.constexpr = 127 if SIGNED else 255
+    SMALLEST: tl.constexpr = _Q_SMALLEST_SIGNED if SIGNED else _Q_SMALLEST_UNSIGNED
+    # One integer max per block: the bits of non-negative floats order as they do, with every
+    # NaN above +Inf (0x7F800000), so the largest bits are the absmax or tell of a NaN.
+    mag = tl.abs(x).to(tl.int32, bitcast=True)
+    if MASKED:
+        mag = tl.where(valid, mag, 0)
+    top = tl.max(mag, axis=1)
+    absmax = tl.where(top > 0x7F800000, float("nan"), top.to(tl.float32, bitcast=True))
+    q = tl.div_rn(x, absmax[:, None])  # |q| <= 1; NaN where absmax is 0 or NaN
+    a = tl.abs(q) if SIGNED else q
+    r16 = r & 0xFFFF
+    # a's bits as uint32 (wrapping only for a NaN, whose code is 0 below)
+    grid = ((a.to(tl.uint32, bitcast=True) + (r16 << 3)) >> _Q_SHIFT).to(tl.int32) - (_Q_ONE - TOP)
+    if SIGNED:
+        below = tl.where(r16.to(tl.float32) < tl.div_rn(a, SMALLEST) * 65536.0, 1, 0)
+    else:
+        below = 1
+    code = tl.where(a >= SMALLEST, grid, tl.where(a > 0.0, below, 0))
+    if SIGNED:
+        code = code | tl.where((q < 0.0) & (code != 0), 128, 0)  # zero has the one code 0
+    return code.to(tl.uint8), absmax
+
+
+@triton.jit
+def _ademamix_update_8bit(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, a1_ptr, a2_ptr, anu_ptr, i, n, lr,
+                          grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2, b3,
+                          one_minus_b3, inv_bc1, inv_sqrt_bc2, alpha_t, eps, weight_decay,
+                          first_lo, k0, k1, HAS_M1: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                          PARAM_SR: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile i (BLOCK elements: NB blocks of _QBLOCK) of a chunk with 8-bit states: dequantize,
+    _ademamix_update's fp32 math (the same operations in the same order; the param written as
+    there), quantize with the new absmax of each block; the random bits are bf16 states' (m1:
+    r0's low half, m2: its high half, nu: r1's low half, the param with PARAM_SR: r1's high)."""
+    NB: tl.constexpr = BLOCK // _QBLOCK
+    blocks = i * NB + tl.arange(0, NB)  # the blocks' indices in the chunk
+    offs = blocks[:, None] * _QBLOCK + tl.arange(0, _QBLOCK)[None, :]
+    e_lo = first_lo + offs.to(tl.uint32)  # the low word of the element's index in its tensor
+    mask, bmask = None, None
+    if MASKED:
+        mask = offs < n
+        bmask = blocks * _QBLOCK < n
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if SCALE_GRAD:
+        g = g * grad_mult
+    if HAS_M1:
+        m1 = _values_of(tl.load(m1_ptr + offs, mask=mask), tl.load(a1_ptr + blocks, mask=bmask),
+                        True)
+        m1 = beta1 * m1 + one_minus_beta1 * g
+        m1_codes, m1_absmax = _codes_of(m1, mask, _mix32(e_lo ^ k0), True, MASKED)
+        tl.store(m1_ptr + offs, m1_codes, mask=mask)
+        tl.store(a1_ptr + blocks, m1_absmax, mask=bmask)
+    else:
+        m1 = g  # beta1 == 0: the fast EMA is the gradient, no buffer
+    m2 = _values_of(tl.load(m2_ptr + offs, mask=mask), tl.load(a2_ptr + blocks, mask=bmask), True)
+    nu = _values_of(tl.load(nu_ptr + offs, mask=mask), tl.load(anu_ptr + blocks, mask=bmask),
+                    False)
+    m2 = b3 * m2 + one_minus_b3 * g
+    nu = beta2 * nu + (one_minus_beta2 * g) * g
+    denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
+    # the param is loaded last: fewer live values while m1 is requantized
+    p = tl.load(p_ptr + offs, mask=mask)
+    if PARAM_SR:
+        p = _from_bf16_bits(p)
+    p = p.to(tl.float32)
+    update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
+    p = p - lr * update
+    r1 = _mix32(e_lo ^ k1)
+    if PARAM_SR:
+        p = _round_bf16_sr(p, r1 >> 16)
+    tl.store(p_ptr + offs, p, mask=mask)
+    m2_codes, m2_absmax = _codes_of(m2, mask, _mix32(e_lo ^ k0) >> 16, True, MASKED)
+    tl.store(m2_ptr + offs, m2_codes, mask=mask)
+    tl.store(a2_ptr + blocks, m2_absmax, mask=bmask)
+    nu_codes, nu_absmax = _codes_of(nu, mask, r1, False, MASKED)
+    tl.store(nu_ptr + offs, nu_codes, mask=mask)
+    tl.store(anu_ptr + blocks, nu_absmax, mask=bmask)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _ademamix_8bit_kernel(table_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1,
+                          one_minus_beta1, ln_beta1, beta2, one_minus_beta2, ln_beta2, beta3,
+                          one_minus_beta3, f_beta1, f_beta3, ln_half, alpha, beta3_warmup,
+                          alpha_warmup, eps, weight_decay, seed_lo, seed_hi,
+                          P_DTYPE: tl.constexpr, HAS_M1: tl.constexpr, MAXIMIZE: tl.constexpr,
+                          LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                          HAS_FOUND_INF: tl.constexpr, BF16_STATES: tl.constexpr,
+                          PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                          QTILE: tl.constexpr):
+    """_ademamix_kernel over a table of _QROW columns, whose rows with _QUANT set have 8-bit
+    states (uint8 codes at _M1, _M2, _NU; their absmax at _A1, _A2, _ANU, at the chunk's first
+    block), processed QTILE elements (QTILE // _QBLOCK absmax blocks) at a time; the other rows are
+    _ademamix_kernel's (states of the call's float state dtype: BF16_STATES or fp32)."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * _QROW
+    (lr, grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, n, inv_bc1,
+     inv_sqrt_bc2, alpha_t, b3, one_minus_b3, first_lo, k0, k1) = _prologue(
+        row, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, one_minus_beta1, ln_beta1, beta2,
+        one_minus_beta2, ln_beta2, beta3, one_minus_beta3, f_beta1, f_beta3, ln_half, alpha,
+        beta3_warmup, alpha_warmup, eps, weight_decay, seed_lo, seed_hi, HAS_M1, MAXIMIZE,
+        LR_IS_TENSOR, HAS_GRAD_SCALE, HAS_FOUND_INF, True)
+    SCALE_GRAD: tl.constexpr = HAS_GRAD_SCALE or MAXIMIZE
+    p_ptr = _row_ptr(row, _P, tl.uint16 if PARAM_SR else P_DTYPE, ALIGNED)
+    g_ptr = _row_ptr(row, _G, P_DTYPE, ALIGNED)
+    # Names assigned in both branches of a run-time `if` must keep their types: the 8-bit
+    # branch's are its own.
+    if tl.load(row + _QUANT) != 0:
+        q1_ptr = _row_ptr(row, _M1, tl.uint8, ALIGNED)
+        q2_ptr = _row_ptr(row, _M2, tl.uint8, ALIGNED)
+        qnu_ptr = _row_ptr(row, _NU, tl.uint8, ALIGNED)
+        a1_ptr = tl.load(row + _A1).to(tl.pointer_type(tl.float32))
+        a2_ptr = tl.load(row + _A2).to(tl.pointer_type(tl.float32))
+        anu_ptr = tl.load(row + _ANU).to(tl.pointer_type(tl.float32))
+        q_full = n // QTILE
+        for i in range(0, q_full):
+            _ademamix_update_8bit(p_ptr, g_ptr, q1_ptr, q2_ptr, qnu_ptr, a1_ptr, a2_ptr, anu_ptr,
+                                  i, n, lr, grad_mult, beta1, one_minus_beta1, beta2,
+                                  one_minus_beta2, b3, one_minus_b3, inv_bc1, inv_sqrt_bc2,
+                                  alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1, SCALE_GRAD,
+                                  PARAM_SR, False, QTILE)
+        for i in range(q_full, tl.cdiv(n, QTILE)):  # the masked tail: at most one tile
+            _ademamix_update_8bit(p_ptr, g_ptr, q1_ptr, q2_ptr, qnu_ptr, a1_ptr, a2_ptr, anu_ptr,
+                                  i, n, lr, grad_mult, beta1, one_minus_beta1, beta2,
+                                  one_minus_beta2, b3, one_minus_b3, inv_bc1, inv_sqrt_bc2,
+                                  alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1, SCALE_GRAD,
+                                  PARAM_SR, True, QTILE)
+    else:
+        S_DTYPE: tl.constexpr = tl.uint16 if BF16_STATES else tl.float32
+        m1_ptr = _row_ptr(row, _M1, S_DTYPE, ALIGNED)
+        m2_ptr = _row_ptr(row, _M2, S_DTYPE, ALIGNED)
+        nu_ptr = _row_ptr(row, _NU, S_DTYPE, ALIGNED)
+        _update_rows(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, n, lr, grad_mult, beta1,
+                     one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
+                     inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1, HAS_M1,
+                     SCALE_GRAD, BF16_STATES, PARAM_SR, BLOCK)
 
 
 @triton.jit
@@ -391,10 +611,10 @@ class _Layout:
     grad's bytes and 16-byte alignment; the memory the step writes, as sorted disjoint
     [start, end) intervals."""
     __slots__ = ("steps_offset", "launches", "owner", "grad_offset", "grad_bytes", "grad_aligned",
-                 "written_start", "written_end")
+                 "written_start", "written_end", "width", "state_dtype")
 
     def __init__(self, steps_offset, launches, owner, grad_offset, grad_bytes, grad_aligned,
-                 written_start, written_end):
+                 written_start, written_end, width=_ROW.value, state_dtype=None):
         self.steps_offset = steps_offset
         self.launches = launches  # [(first table element, number of chunks, aligned)]
         self.owner = owner
@@ -403,6 +623,8 @@ class _Layout:
         self.grad_aligned = grad_aligned
         self.written_start = written_start
         self.written_end = written_end
+        self.width = width  # columns of a row: _ROW, or _QROW (8-bit states, their kernel)
+        self.state_dtype = state_dtype  # the float state dtype of the call (None: norm plans)
 
 
 class _Plan:
@@ -414,7 +636,8 @@ class _Plan:
         self.host = host  # the CPU table
         self.layout = layout
         self.step_addrs = table[layout.steps_offset:]
-        self.launches = [(table[o:o + c * 8], c, a) for o, c, a in layout.launches if c]
+        self.launches = [(table[o:o + c * layout.width], c, a) for o, c, a in layout.launches
+                         if c]
         self.pending = pending
         self.captured = False
         self.streams = {stream}  # the streams whose use of the table its memory waits for
@@ -432,16 +655,36 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
+_ABSMAX_NAMES = ("exp_avg_fast_absmaxs", "exp_avg_slow_absmaxs", "exp_avg_sq_absmaxs")
+_STATE_NAMES = ("exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs")
+
+
+def _state_dtype(m2s):
+    """The call's float state dtype: that of its first exp_avg_slows that is not 8-bit (uint8
+    codes); float32 when every state is 8-bit (or a non-tensor is in the list: named later)."""
+    for m2 in m2s:
+        dtype = getattr(m2, "dtype", torch.float32)
+        if dtype != torch.uint8:
+            return dtype
+    return torch.float32
+
+
+def _check_tensors(params, grads, m1s, m2s, nus, steps, device, absmaxs=None):
+    """absmaxs: the three absmax lists (exp_avg_fast_absmaxs empty without m1) of a call with
+    8-bit states, or None."""
     dtype = params[0].dtype
     if dtype not in _PARAM_DTYPES:
         raise TypeError(f"ademamix_triton: params must be float32, bfloat16 or float16, "
                         f"got {dtype}")
-    # One state dtype per call, that of exp_avg_slows[0] (a non-tensor is named below).
-    state_dtype = getattr(m2s[0], "dtype", None)
-    if isinstance(m2s[0], torch.Tensor) and state_dtype not in _STATE_DTYPES:
-        raise TypeError(f"ademamix_triton: states must be float32 or bfloat16, got {state_dtype} "
-                        f"for exp_avg_slows[0]")
+    # One float state dtype per call, that of the first exp_avg_slows that is not uint8 (a
+    # non-tensor is named below); uint8 states are 8-bit codes, with absmax lists.
+    first = next((i for i, m2 in enumerate(m2s)
+                  if not isinstance(m2, torch.Tensor) or m2.dtype != torch.uint8), None)
+    state_dtype = _state_dtype(m2s)
+    if first is not None and isinstance(m2s[first], torch.Tensor) \
+            and state_dtype not in _STATE_DTYPES:
+        raise TypeError(f"ademamix_triton: states must be float32 or bfloat16 (or uint8 8-bit "
+                        f"codes, with absmax lists), got {state_dtype} for exp_avg_slows[{first}]")
     for i, (p, g, m2, nu, s) in enumerate(zip(params, grads, m2s, nus, steps)):
         if p.dtype != dtype:
             raise TypeError(f"ademamix_triton: one param dtype per call: params[0] is {dtype}, "
@@ -449,7 +692,10 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
         named = [("params", p), ("grads", g), ("exp_avg_slows", m2), ("exp_avg_sqs", nu)]
         if m1s:
             named.append(("exp_avg_fasts", m1s[i]))
-        for name, x in named + [("state_steps", s)]:
+        abs_named = []
+        if absmaxs is not None:
+            abs_named = [(name, xs[i]) for name, xs in zip(_ABSMAX_NAMES, absmaxs) if xs]
+        for name, x in named + [("state_steps", s)] + abs_named:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"ademamix_triton: {name}[{i}] is {type(x).__name__}, not a Tensor")
             if x.device != device:
@@ -461,12 +707,34 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
         if g.dtype != dtype or g.shape != p.shape:
             raise RuntimeError(f"ademamix_triton: grads[{i}] ({g.dtype}, {tuple(g.shape)}) must "
                                f"match params[{i}] ({p.dtype}, {tuple(p.shape)})")
+        quantized = m2.dtype == torch.uint8
+        if quantized and absmaxs is None:
+            raise TypeError(f"ademamix_triton: exp_avg_slows[{i}] is uint8 (8-bit codes) but the "
+                            f"call has no absmax lists: pass exp_avg_fast_absmaxs (with m1), "
+                            f"exp_avg_slow_absmaxs and exp_avg_sq_absmaxs, one per param")
         for name, x in named[2:]:
-            if x.dtype != state_dtype or x.shape != p.shape:
-                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be {state_dtype} (one state "
-                                   f"dtype per call: that of exp_avg_slows[0]) of shape "
+            if quantized and x.dtype != torch.uint8:
+                raise TypeError(f"ademamix_triton: {name}[{i}] must be uint8 8-bit codes "
+                                f"(exp_avg_slows[{i}] is), got {x.dtype}")
+            want = torch.uint8 if quantized else state_dtype
+            if x.dtype != want or x.shape != p.shape:
+                raise RuntimeError(f"ademamix_triton: {name}[{i}] must be {want} (one float state "
+                                   f"dtype per call: that of the first exp_avg_slows that is not "
+                                   f"8-bit, or uint8 codes where exp_avg_slows[{i}] is) of shape "
                                    f"{tuple(p.shape)}, got {x.dtype} {tuple(x.shape)}")
-        for name, x in named:
+        for name, x in abs_named:
+            if quantized:
+                want = (-(-p.numel() // _QBLOCK.value),)
+                if x.dtype != torch.float32 or tuple(x.shape) != want:
+                    raise RuntimeError(
+                        f"ademamix_triton: {name}[{i}] must be a float32 absmax of shape "
+                        f"{list(want)} (one per {_QBLOCK.value} elements of params[{i}], "
+                        f"{p.numel()} elements), got {x.dtype} {list(x.shape)}")
+            elif x.numel() != 0:
+                raise RuntimeError(
+                    f"ademamix_triton: {name}[{i}] has {x.numel()} elements, but the states of "
+                    f"params[{i}] are {m2.dtype}, not 8-bit: its absmax must be empty")
+        for name, x in named + abs_named:
             if not x.is_contiguous():
                 raise RuntimeError(f"ademamix_triton: {name}[{i}] must be contiguous")
         if s.dtype != torch.float32 or s.numel() != 1:
@@ -476,6 +744,29 @@ def _check_tensors(params, grads, m1s, m2s, nus, steps, device):
         check_disjoint((params, grads, m1s, m2s, nus, steps))
     except RuntimeError as e:
         raise RuntimeError(f"ademamix_triton: {e}") from None
+    if absmaxs is not None:
+        _check_absmax_disjoint(params, grads, m1s, m2s, nus, steps, absmaxs)
+
+
+def _check_absmax_disjoint(params, grads, m1s, m2s, nus, steps, absmaxs):
+    """check_disjoint's check of the absmax tensors (written) against every tensor of the call."""
+    spans = []
+    names = ("params", "grads") + _STATE_NAMES + ("state_steps",) + _ABSMAX_NAMES
+    for k, xs in enumerate((params, grads, m1s, m2s, nus, steps) + tuple(absmaxs)):
+        for i, x in enumerate(xs):
+            if x.numel():
+                start = x.data_ptr()
+                spans.append((start, start + x.numel() * x.element_size(), k, i))
+    spans.sort()
+    reach = None  # the span reaching furthest so far
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and (reach[2] >= 6 or span[2] >= 6):
+            raise RuntimeError(
+                f"ademamix_triton: {names[reach[2]]}[{reach[3]}] and {names[span[2]]}[{span[3]}] "
+                "share memory; each param, state, absmax and step count of a call needs memory "
+                "of its own (is a tensor listed twice?)")
+        if reach is None or span[1] > reach[1]:
+            reach = span
 
 
 def _check_grads(grads, device):
@@ -492,26 +783,40 @@ def _check_grads(grads, device):
             raise RuntimeError(f"ademamix_triton: grads[{i}] must be dense and contiguous")
 
 
-def _plan(params, grads, m1s, m2s, nus, steps, device):
+def _plan(params, grads, m1s, m2s, nus, steps, device, absmaxs=None):
+    """absmaxs: as _check_tensors takes them."""
     dense = list(chain(params, grads, m1s, m2s, nus))
-    flat = dense + steps
+    absmax_flat = list(chain(*absmaxs)) if absmaxs is not None else []
+    flat = dense + steps + absmax_flat
     try:
         # What _check_tensors depends on, per tensor, in C-level passes: address, element count,
         # dtype and strides (with numel and contiguity they pin the shape, so a view of the same
         # storage with another shape is a new key and gets checked).
         ptrs, numels = tuple(map(_data_ptr, flat)), tuple(map(_numel, flat))
-        key = (device, CHUNK_SIZE, len(params), bool(m1s), ptrs, numels,
-               tuple(map(_dtype, flat)), tuple(map(_stride, dense)))
-        dense_ok = all(map(_is_contiguous, dense))
+        key = (device, CHUNK_SIZE, len(params), bool(m1s), absmaxs is not None, ptrs, numels,
+               tuple(map(_dtype, flat)), tuple(map(_stride, dense + absmax_flat)))
+        dense_ok = all(map(_is_contiguous, dense + absmax_flat))
     except (RuntimeError, TypeError, AttributeError):  # not a tensor, sparse, no storage
         dense_ok = False
-    check = lambda: _check_tensors(params, grads, m1s, m2s, nus, steps, device)  # noqa: E731
+    check = lambda: _check_tensors(params, grads, m1s, m2s, nus, steps, device,  # noqa: E731
+                                   absmaxs)
     if not dense_ok:
         check()  # names the culprit
         raise RuntimeError("ademamix_triton: every tensor must be dense and contiguous")
+    n = len(params)
+    quant = None
+    if absmaxs is not None:
+        a_ptrs = ptrs[len(dense) + n:]
+        if not m1s:
+            a_ptrs = (0,) * n + a_ptrs
+        quantized = tuple(m2.dtype == torch.uint8 for m2 in m2s)
+        # no 8-bit state: the plain table and kernel (the absmax are empty, nothing to write)
+        quant = (quantized, a_ptrs) if any(quantized) else None
+    state_dtype = _state_dtype(m2s)
+    state_size = state_dtype.itemsize
     return _lookup(key, device, check, lambda capturing: _new_plan(
-        ptrs, numels[:len(params)], bool(m1s), params[0].element_size(),
-        m2s[0].element_size(), device, capturing))
+        ptrs[:len(dense) + n], numels[:n], bool(m1s), params[0].element_size(), state_size,
+        device, capturing, quant, state_dtype))
 
 
 def _norm_plan(grads, device):
@@ -582,10 +887,16 @@ def _upload_in_graph(host, device):
     return upload(host, device)
 
 
-def _new_plan(ptrs, numels, has_m1, elem_size, state_size, device, capturing):
-    if CHUNK_SIZE < 8 or CHUNK_SIZE & (CHUNK_SIZE - 1):
+def _new_plan(ptrs, numels, has_m1, elem_size, state_size, device, capturing, quant=None,
+              state_dtype=None):
+    """quant: None (no 8-bit states: rows of _ROW columns), or (per tensor whether its states are
+    8-bit, the addresses of the absmax of m1 (0 without m1), of m2, of nu: one list after the
+    other): rows of _QROW columns, for _ademamix_8bit_kernel."""
+    if CHUNK_SIZE < 8 or CHUNK_SIZE & (CHUNK_SIZE - 1) or (quant is not None
+                                                            and CHUNK_SIZE % _QBLOCK.value):
         raise ValueError("ademamix_triton: CHUNK_SIZE must be a power of two >= 8 (chunks must "
-                         "start 16-byte aligned and not straddle a multiple of 2**32 elements)")
+                         "start 16-byte aligned and not straddle a multiple of 2**32 elements), "
+                         f"and a multiple of {_QBLOCK.value} with 8-bit states")
     n, bits = len(numels), _START_BITS.value
     if n > 2**(63 - bits) or max(numels) > 2**bits:
         raise ValueError(f"ademamix_triton: at most 2**{63 - bits} tensors of at most 2**{bits} "
@@ -595,7 +906,15 @@ def _new_plan(ptrs, numels, has_m1, elem_size, state_size, device, capturing):
         addr = torch.cat([addr[:2], torch.zeros_like(addr[:1]), addr[2:]])  # m1 = 0: never read
     data, step = addr[:5], addr[5]
     numel = torch.tensor(numels, dtype=torch.int64)
-    elem_sizes = torch.tensor([elem_size, elem_size] + [state_size] * 3, dtype=torch.int64)
+    # bytes per element, per list and tensor
+    elem_sizes = torch.tensor([elem_size, elem_size] + [state_size] * 3,
+                              dtype=torch.int64)[:, None].repeat(1, n)
+    width = _ROW.value
+    if quant is not None:
+        width = _QROW.value
+        quantized = torch.tensor(quant[0], dtype=torch.bool)
+        absmax = torch.tensor(quant[1], dtype=torch.int64).view(3, n)
+        elem_sizes[2:, quantized] = 1
     aligned = (data % 16 == 0).all(dim=0)
 
     parts, launches, owners, starts, offset = [], [], [], [], 0
@@ -605,25 +924,37 @@ def _new_plan(ptrs, numels, has_m1, elem_size, state_size, device, capturing):
         owner = torch.repeat_interleave(idx, counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         start = (torch.arange(owner.numel()) - first) * CHUNK_SIZE  # in elements
-        rows = torch.zeros(owner.numel(), 8, dtype=torch.int64)
-        rows[:, 0:5] = data[:, owner].T + start[:, None] * elem_sizes
+        rows = torch.zeros(owner.numel(), width, dtype=torch.int64)
+        rows[:, 0:5] = data[:, owner].T + start[:, None] * elem_sizes[:, owner].T
         rows[:, 5] = step[owner]
         rows[:, 6] = torch.clamp(numel[owner] - start, max=CHUNK_SIZE)
         rows[:, 7] = (owner << bits) | start
+        if quant is not None:
+            q = quantized[owner]
+            # the chunk's first absmax: CHUNK_SIZE / _QBLOCK fp32 per chunk
+            rows[:, 8:11] = torch.where(q[:, None], absmax[:, owner].T
+                                        + (start // _QBLOCK.value * 4)[:, None], 0)
+            rows[:, 11] = q.to(torch.int64)
         parts.append(rows.flatten())
         launches.append((offset, rows.shape[0], is_aligned))
         owners.append(owner)
         starts.append(start)
         offset += rows.numel()
     host = torch.cat(parts + [step])
-    nbytes = numel[None, :] * elem_sizes[:, None]  # per list and tensor
+    nbytes = numel[None, :] * elem_sizes  # per list and tensor
     written = [0, 2, 3, 4] if has_m1 else [0, 3, 4]
     w_start = torch.cat([data[written].flatten(), step])
     w_size = torch.cat([nbytes[written].flatten(), torch.full_like(step, 4)])
+    if quant is not None:
+        a_lists = [0, 1, 2] if has_m1 else [1, 2]
+        a_bytes = ((numel + _QBLOCK.value - 1) // _QBLOCK.value * 4) * quantized
+        w_start = torch.cat([w_start, absmax[a_lists].flatten()])
+        w_size = torch.cat([w_size, a_bytes.repeat(len(a_lists))])
     w_start, w_size = w_start[w_size > 0], w_size[w_size > 0]
     order = torch.argsort(w_start)
     layout = _Layout(offset, launches, torch.cat(owners), torch.cat(starts) * elem_size,
-                     nbytes[1], data[1] % 16 == 0, w_start[order], (w_start + w_size)[order])
+                     nbytes[1], data[1] % 16 == 0, w_start[order], (w_start + w_size)[order],
+                     width, state_dtype)
     return _Plan(_table_on(host, device, capturing), host, layout, capturing,
                  torch.cuda.current_stream(device) if device.type == "cuda" else None)
 
@@ -653,7 +984,7 @@ def _with_grads(plan, grad_ptrs, device, capturing):
     if ((before >= 0) & (ends > g) & (lay.grad_bytes > 0)).any():
         return None
     host = plan.host.clone()
-    host[:lay.steps_offset].view(-1, 8)[:, _G.value] = g[lay.owner] + lay.grad_offset
+    host[:lay.steps_offset].view(-1, lay.width)[:, _G.value] = g[lay.owner] + lay.grad_offset
     return _Plan(_table_on(host, device, capturing), host, lay, capturing,
                  torch.cuda.current_stream(device) if device.type == "cuda" else None)
 
@@ -681,15 +1012,16 @@ def _device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_sr(dtype, state_dtype, sr_seed, param_sr):
-    """The stochastic-rounding options against the dtypes (csrc/ademamix_ops.cpp's checks)."""
+def _check_sr(dtype, state_dtype, sr_seed, param_sr, quant=False):
+    """The stochastic-rounding options against the dtypes (csrc/ademamix_ops.cpp's checks);
+    quant: some states are 8-bit (written with SR)."""
     if param_sr and dtype != torch.bfloat16:
         raise ValueError(f"ademamix_triton: param_sr (stochastic rounding of the params) needs "
                          f"bfloat16 params, got {dtype}")
-    if state_dtype == torch.bfloat16 or param_sr:
+    if state_dtype == torch.bfloat16 or param_sr or quant:
         if sr_seed is None:
-            raise ValueError("ademamix_triton: sr_seed is required with bfloat16 states or "
-                             "param_sr (it keys the random bits of the stochastic rounding)")
+            raise ValueError("ademamix_triton: sr_seed is required with bfloat16 or 8-bit states "
+                             "or param_sr (it keys the random bits of the stochastic rounding)")
         if not 0 <= sr_seed < 2**63:
             raise ValueError(f"ademamix_triton: sr_seed must be in [0, 2**63), got {sr_seed}")
 
@@ -698,7 +1030,8 @@ def _launch(plan, n, dtype, state_dtype, lr, lr_tensor, beta1, beta2, beta3, alp
             alpha_warmup, eps, weight_decay, maximize, grad_scale, found_inf, sr_seed, param_sr):
     """Enqueues the step of the n tensors of `plan` (params of `dtype`, states of `state_dtype`)
     on the current stream."""
-    _check_sr(dtype, state_dtype, sr_seed, param_sr)
+    quant = plan.layout.width == _QROW.value
+    _check_sr(dtype, state_dtype, sr_seed, param_sr, quant)
     has_m1 = beta1 != 0.0
     bf16_states = state_dtype == torch.bfloat16
     # The seed's words as int32 bit patterns: a kernel int's type (i32, i64) follows its value.
@@ -709,8 +1042,18 @@ def _launch(plan, n, dtype, state_dtype, lr, lr_tensor, beta1, beta2, beta3, alp
         plan.step_addrs, n, found_inf if found_inf is not None else any_ptr,
         HAS_FOUND_INF=found_inf is not None, BLOCK=_STEP_BLOCK)
     # Constants in double, rounded once to fp32 (1 - 0.9999 in fp32 would be 3e-4 off).
+    kernel = _ademamix_8bit_kernel if quant else _ademamix_kernel
+    block = SR_BLOCK_SIZE if bf16_states or param_sr else BLOCK_SIZE
+    extra = {}
+    if quant:
+        if QUANT_BLOCK_SIZE % _QBLOCK.value or QUANT_BLOCK_SIZE & (QUANT_BLOCK_SIZE - 1):
+            raise ValueError(f"ademamix_triton: QUANT_BLOCK_SIZE must be a power of two and a "
+                             f"multiple of {_QBLOCK.value}, got {QUANT_BLOCK_SIZE}")
+        # Its float rows (small tensors, typically) in SR_BLOCK_SIZE blocks: with BLOCK_SIZE,
+        # bf16 params next to the 8-bit branch spilled (triton 3.8, sm_90, 80 registers).
+        block, extra = SR_BLOCK_SIZE, dict(QTILE=QUANT_BLOCK_SIZE)
     for rows, n_chunks, aligned in plan.launches:
-        _ademamix_kernel[(n_chunks,)](
+        kernel[(n_chunks,)](
             rows, float(lr), lr_tensor if lr_tensor is not None else any_ptr,
             grad_scale if grad_scale is not None else any_ptr,
             found_inf if found_inf is not None else any_ptr,
@@ -722,13 +1065,14 @@ def _launch(plan, n, dtype, state_dtype, lr, lr_tensor, beta1, beta2, beta3, alp
             P_DTYPE=_PARAM_DTYPES[dtype], HAS_M1=has_m1, MAXIMIZE=bool(maximize),
             LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, BF16_STATES=bf16_states, PARAM_SR=bool(param_sr),
-            ALIGNED=aligned, BLOCK=SR_BLOCK_SIZE if bf16_states or param_sr else BLOCK_SIZE,
-            **_update_options())
+            ALIGNED=aligned, BLOCK=block, **extra,
+            **_update_options(MIN_PROGRAMS_PER_SM_QUANT if quant else MIN_PROGRAMS_PER_SM))
 
 
 def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
          beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-         grad_scale, found_inf, sr_seed, param_sr):
+         grad_scale, found_inf, sr_seed, param_sr, exp_avg_fast_absmaxs=None,
+         exp_avg_slow_absmaxs=None, exp_avg_sq_absmaxs=None):
     """Checks, plans and launches one step; returns the plan (None when there are no params)."""
     n = len(params)
     has_m1 = beta1 != 0.0
@@ -739,6 +1083,8 @@ def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, 
     if len(exp_avg_fasts) != (n if has_m1 else 0):
         raise ValueError(f"ademamix_triton: {len(exp_avg_fasts)} exp_avg_fasts for {n} params "
                          f"with beta1={beta1} (beta1 == 0 takes an empty list, else one per param)")
+    absmaxs = _absmax_lists(n, has_m1, exp_avg_fast_absmaxs, exp_avg_slow_absmaxs,
+                            exp_avg_sq_absmaxs)
     for name, b in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
         if not 0.0 <= b < 1.0:
             raise ValueError(f"ademamix_triton: {name} must be in [0, 1), got {b}")
@@ -755,11 +1101,28 @@ def _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, 
         _check_scalar_tensor(name, x, device)
     with _device_guard(device):
         plan = _plan(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
-                     device)
-        _launch(plan, n, params[0].dtype, exp_avg_slows[0].dtype, lr, lr_tensor, beta1, beta2,
+                     device, absmaxs)
+        _launch(plan, n, params[0].dtype, plan.layout.state_dtype, lr, lr_tensor, beta1, beta2,
                 beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize, grad_scale,
                 found_inf, sr_seed, param_sr)
     return plan
+
+
+def _absmax_lists(n, has_m1, m1_absmaxs, m2_absmaxs, nu_absmaxs):
+    """The call's absmax lists (exp_avg_fast_absmaxs empty without m1), or None when it has none
+    (no 8-bit states)."""
+    lists = [list(xs) if xs is not None else [] for xs in (m1_absmaxs, m2_absmaxs, nu_absmaxs)]
+    if not any(lists):
+        return None
+    wants = (n if has_m1 else 0, n, n)
+    for name, xs, want in zip(_ABSMAX_NAMES, lists, wants):
+        if len(xs) != want:
+            raise ValueError(
+                f"ademamix_triton: {len(xs)} {name} for {n} params "
+                f"{'with m1' if has_m1 else 'without m1 (beta1 == 0)'}: the absmax lists are all "
+                f"empty (no 8-bit states) or hold one entry per param (exp_avg_fast_absmaxs: "
+                f"none without m1)")
+    return lists
 
 
 def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
@@ -769,38 +1132,59 @@ def _step_impl(params: List[torch.Tensor], grads: List[torch.Tensor],
                alpha: float, beta3_warmup: Optional[int], alpha_warmup: Optional[int], eps: float,
                weight_decay: float, maximize: bool, grad_scale: Optional[torch.Tensor],
                found_inf: Optional[torch.Tensor], sr_seed: Optional[int] = None,
-               param_sr: bool = False) -> None:
+               param_sr: bool = False, exp_avg_fast_absmaxs=None, exp_avg_slow_absmaxs=None,
+               exp_avg_sq_absmaxs=None) -> None:
     """The op's body. lr_tensor, when given, replaces lr (custom ops have no overloads)."""
     _run(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, lr_tensor,
          beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-         grad_scale, found_inf, sr_seed, param_sr)
+         grad_scale, found_inf, sr_seed, param_sr, exp_avg_fast_absmaxs, exp_avg_slow_absmaxs,
+         exp_avg_sq_absmaxs)
 
 
-# What torch.compile, export and dispatch modes see: one opaque node that mutates its lists.
+# What torch.compile, export and dispatch modes see: one opaque node that mutates its lists. The
+# schema is spelled out: inference has no optional tensor lists (the absmax lists of 8-bit
+# states; None or empty: no 8-bit states).
+_STEP_SCHEMA = (
+    "(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] exp_avg_fasts, "
+    "Tensor(a3!)[] exp_avg_slows, Tensor(a4!)[] exp_avg_sqs, Tensor(a5!)[] state_steps, "
+    "float lr, Tensor? lr_tensor, float beta1, float beta2, float beta3, float alpha, "
+    "SymInt? beta3_warmup, SymInt? alpha_warmup, float eps, float weight_decay, bool maximize, "
+    "Tensor? grad_scale, Tensor? found_inf, SymInt? sr_seed=None, bool param_sr=False, "
+    "Tensor(a21!)[]? exp_avg_fast_absmaxs=None, Tensor(a22!)[]? exp_avg_slow_absmaxs=None, "
+    "Tensor(a23!)[]? exp_avg_sq_absmaxs=None) -> ()")
 _step_op = torch.library.custom_op(
     "ademamix_triton::step_", _step_impl,
-    mutates_args=("params", "exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs", "state_steps"))
+    mutates_args=("params", "exp_avg_fasts", "exp_avg_slows", "exp_avg_sqs", "state_steps",
+                  "exp_avg_fast_absmaxs", "exp_avg_slow_absmaxs", "exp_avg_sq_absmaxs"),
+    schema=_STEP_SCHEMA)
 
 
 @_step_op.register_fake
 def _step_op_fake(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
                   lr_tensor, beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps,
-                  weight_decay, maximize, grad_scale, found_inf, sr_seed=None, param_sr=False):
+                  weight_decay, maximize, grad_scale, found_inf, sr_seed=None, param_sr=False,
+                  exp_avg_fast_absmaxs=None, exp_avg_slow_absmaxs=None, exp_avg_sq_absmaxs=None):
     return None
 
 
 def _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr, beta1,
              beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay, maximize,
-             grad_scale, found_inf, sr_seed, param_sr):
-    """The op's arguments, normalized, from the functional signature."""
+             grad_scale, found_inf, sr_seed, param_sr, exp_avg_fast_absmaxs=None,
+             exp_avg_slow_absmaxs=None, exp_avg_sq_absmaxs=None):
+    """The op's arguments, normalized, from the functional signature (absmax lists: None when
+    all are empty)."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    absmaxs = [list(xs) if xs is not None else [] for xs in (exp_avg_fast_absmaxs,
+                                                            exp_avg_slow_absmaxs,
+                                                            exp_avg_sq_absmaxs)]
+    absmaxs = absmaxs if any(absmaxs) else [None, None, None]
     return (list(params), list(grads), list(exp_avg_fasts or ()), list(exp_avg_slows),
             list(exp_avg_sqs), list(state_steps), 0.0 if lr_tensor is not None else float(lr),
             lr_tensor, float(beta1), float(beta2), float(beta3), float(alpha),
             None if beta3_warmup is None else int(beta3_warmup),
             None if alpha_warmup is None else int(alpha_warmup), float(eps), float(weight_decay),
             bool(maximize), grad_scale, found_inf, None if sr_seed is None else int(sr_seed),
-            bool(param_sr))
+            bool(param_sr), *absmaxs)
 
 
 def _traced():
@@ -811,12 +1195,13 @@ def _traced():
 def _bump_versions(args):
     # What the op wrapper would do per tensor (for autograd's in-place checks), in one call.
     torch.autograd.graph.increment_version(list(chain(args[0], args[2], args[3], args[4],
-                                                      args[5])))
+                                                      args[5], *(xs or () for xs in args[21:]))))
 
 
 def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, *, lr,
                    beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                   maximize, grad_scale=None, found_inf=None, sr_seed=None, param_sr=False):
+                   maximize, grad_scale=None, found_inf=None, sr_seed=None, param_sr=False,
+                   exp_avg_fast_absmaxs=None, exp_avg_slow_absmaxs=None, exp_avg_sq_absmaxs=None):
     """One AdEMAMix step over all tensors, in place, in one launch (two with misaligned views).
 
     Tensor lists in the order params, grads, exp_avg_fasts (empty when beta1 == 0),
@@ -828,10 +1213,19 @@ def ademamix_step_(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, sta
     sr_seed (an int in [0, 2**63)) keys the random bits of stochastic rounding: required with
     bfloat16 states or param_sr (bfloat16 params written with stochastic rounding too). Nothing
     is synchronized with the host.
+
+    8-bit states (ademamix_cuda/quant.py): a param whose exp_avg_slows entry is uint8 has uint8
+    codes of its shape as m1 (if any), m2 and nu, with one float32 absmax per 256 elements each
+    (contiguous, shape (ceil(numel / 256),)) in exp_avg_fast_absmaxs (with m1),
+    exp_avg_slow_absmaxs and exp_avg_sq_absmaxs: one entry per param, empty (0 elements) for the
+    params with float states, which are then all of one dtype (float32 or bfloat16). None or empty
+    lists: no 8-bit states. Codes are rounded to nearest (no random bits), in the same launch as
+    the float states.
     """
     args = _op_args(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps, lr,
                     beta1, beta2, beta3, alpha, beta3_warmup, alpha_warmup, eps, weight_decay,
-                    maximize, grad_scale, found_inf, sr_seed, param_sr)
+                    maximize, grad_scale, found_inf, sr_seed, param_sr, exp_avg_fast_absmaxs,
+                    exp_avg_slow_absmaxs, exp_avg_sq_absmaxs)
     with torch.no_grad():  # a mutation of leaf params, not something to differentiate
         if _traced():
             _step_op(*args)
@@ -901,9 +1295,11 @@ class Stepper:
     validated here: the caller does that.
     """
 
-    def __init__(self, params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps):
+    def __init__(self, params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, state_steps,
+                 exp_avg_fast_absmaxs=None, exp_avg_slow_absmaxs=None, exp_avg_sq_absmaxs=None):
         self._lists = (list(params), list(exp_avg_fasts or ()), list(exp_avg_slows),
                        list(exp_avg_sqs), list(state_steps))
+        self._absmaxs = (exp_avg_fast_absmaxs, exp_avg_slow_absmaxs, exp_avg_sq_absmaxs)
         self._params_key = None  # the params' addresses and sizes the plan was checked with
         self._grad_ptrs = None
         self._plan = None
@@ -914,7 +1310,7 @@ class Stepper:
         params, m1s, m2s, nus, steps = self._lists
         args = _op_args(params, grads, m1s, m2s, nus, steps, lr, beta1, beta2, beta3, alpha,
                         beta3_warmup, alpha_warmup, eps, weight_decay, maximize, grad_scale,
-                        found_inf, sr_seed, param_sr)
+                        found_inf, sr_seed, param_sr, *self._absmaxs)
         with torch.no_grad():
             if _traced():
                 _step_op(*args)
@@ -950,5 +1346,5 @@ class Stepper:
             for name, x in (("lr", args[7]), ("grad_scale", args[17]), ("found_inf", args[18])):
                 _check_scalar_tensor(name, x, device)
             _use(plan, device, capturing)
-            _launch(plan, len(params), params[0].dtype, self._lists[2][0].dtype, *args[6:])
+            _launch(plan, len(params), params[0].dtype, plan.layout.state_dtype, *args[6:21])
         return plan
