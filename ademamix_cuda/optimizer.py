@@ -295,6 +295,10 @@ class AdEMAMix(Optimizer):
                 raise RuntimeError(
                     f"a grad must match its param: grad is {g.dtype}{list(g.shape)} on {g.device}, "
                     f"param is {p.dtype}{list(p.shape)} on {p.device}")
+            if _state_dtype(p, group) == torch.uint8 and (is_dtensor(p) or not p.is_contiguous()):
+                raise ValueError(f"8-bit states need a contiguous plain tensor param, got "
+                                 f"{describe(p)} (put it in a group with state_dtype 'float32' "
+                                 f"or 'bfloat16')")
         dtensors = params if any(map(is_dtensor, params)) else None
         params, grads = [local(p) for p in params], [local(g) for g in grads]
         check_disjoint([params, grads])  # a param listed twice would share its states too
@@ -338,9 +342,6 @@ class AdEMAMix(Optimizer):
         state dtype: converted as load_state_dict converts, a new fast EMA)."""
         state = self.state[p]
         dtype = _state_dtype(p, group)
-        if dtype == torch.uint8 and (is_dtensor(p) or not p.is_contiguous()):
-            raise ValueError(f"8-bit states need a contiguous plain tensor param, got "
-                             f"{describe(p)} (use state_dtype 'float32' or 'bfloat16' for it)")
 
         def zeros(key):
             if dtype == torch.uint8:

@@ -422,6 +422,20 @@ def test_8bit_class_takes_bitsandbytes_arguments():
         ademamix_cuda.AdEMAMix8bit([torch.nn.Parameter(torch.ones(5000, dtype=torch.float64))])
 
 
+def test_8bit_states_refuse_a_non_contiguous_param_and_change_nothing():
+    require_backend("cuda")
+    ok = torch.nn.Parameter(torch.randn(5000))
+    bad = torch.nn.Parameter(torch.randn(100, 64).t())  # 6400 elements, transposed
+    opt = ademamix_cuda.AdEMAMix8bit([ok, bad], backend="cuda")
+    for p in (ok, bad):
+        p.grad = torch.randn_like(p)
+    before = (ok.detach().clone(), bad.detach().clone())
+    with pytest.raises(ValueError, match="contiguous plain tensor param"):
+        opt.step()
+    assert len(opt.state) == 0, "a refused step created states"
+    assert torch.equal(ok, before[0]) and torch.equal(bad, before[1])
+
+
 SD_SHAPES = ((5000,), (33, 65), (300,))
 SD_KWARGS = dict(lr=1e-2, betas=(0.9, 0.999, 0.99), alpha=5.0, beta3_warmup=12, alpha_warmup=8,
                  weight_decay=0.1, min_8bit_size=1000)
