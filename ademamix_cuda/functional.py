@@ -314,8 +314,10 @@ def run(name, lists, *, one_dtype, stepper=None, sr_seed=None, param_sr=False, *
     `stepper`: a triton_kernels.Stepper made for exactly these lists, whose host work per step is
     smaller (the optimizer keeps one per param group).
     """
-    stochastic = (param_sr or unquantized_dtype(lists[3]) == torch.bfloat16
-                  or any(m.dtype == torch.uint8 for m in lists[3]))
+    # bf16 states are all of a call's unquantized states; 8-bit ones come with absmax lists
+    stochastic = (param_sr or lists[3][0].dtype in (torch.bfloat16, torch.uint8)
+                  or (any(lists[6:]) and any(m.dtype in (torch.bfloat16, torch.uint8)
+                                             for m in lists[3])))
     sr = dict(sr_seed=sr_seed if stochastic else None, param_sr=param_sr)
     if stepper is not None:
         _triton_step(*lists, stepper=stepper, **sr, **hyper)

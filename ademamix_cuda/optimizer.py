@@ -210,8 +210,7 @@ class AdEMAMix(Optimizer):
             if clip is not None and scale.device != plan.params[0].device:
                 scale = scale.to(plan.params[0].device)  # a group on another device
             param_sr = group["param_rounding"] == "stochastic"
-            random = (param_sr or group["state_dtype"] != "float32"
-                      or functional.unquantized_dtype(plan.exp_avg_slows) == torch.bfloat16)
+            random = param_sr or group["state_dtype"] != "float32"  # bf16 and 8-bit states
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=group["alpha"],
                          beta3_warmup=group["beta3_warmup"], alpha_warmup=group["alpha_warmup"],
                          eps=group["eps"], weight_decay=group["weight_decay"],

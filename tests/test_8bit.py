@@ -142,10 +142,10 @@ def test_codes_are_a_neighbour_and_unbiased(signed):
         assert ((mag > 0) == (x > 0)).all(), "a nonzero nu rounded to 0"
     # unbiased: 4096 draws of the bits for a few values, a 5-sigma bound on the mean
     probe = torch.tensor([0.3, 0.0137, 0.7071, mags[1].item() * 0.37, 0.999]).float()
-    draws = probe.repeat(4096, 1)
-    got = quant.values_of(quant.codes_of(draws.reshape(-1, 5), torch.ones(4096 * 5 // 5)[:4096],
-                                         signed, _random_bits(draws.shape, gen)),
-                          torch.ones(4096), signed).double()
+    draws = probe.repeat(4096, 1)  # 4096 rows of the probes, each row a block of absmax 1
+    ones = torch.ones(4096)
+    codes = quant.codes_of(draws, ones, signed, _random_bits(draws.shape, gen))
+    got = quant.values_of(codes, ones, signed).double()
     lo, hi = _neighbours(probe, mags)
     spacing = (mags[hi] - mags[lo]).double()
     if not signed:

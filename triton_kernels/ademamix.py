@@ -181,6 +181,18 @@ def _from_bf16_bits(x):
 # block update calls the bf16 helpers only in the variants that have bf16 arrays: the fp32 path
 # runs as fast interpreted as it did before them.
 @triton.jit
+def _slow_moments_and_param(p, g, m1, m2, nu, lr, beta2, one_minus_beta2, b3, one_minus_b3,
+                            inv_bc1, inv_sqrt_bc2, alpha_t, eps, weight_decay):
+    """csrc/ademamix.h ademamix_update after the fast EMA (m1: the new one, or g when beta1 == 0),
+    in fp32: the new param, m2 and nu. Both update kernels' element math."""
+    m2 = b3 * m2 + one_minus_b3 * g
+    nu = beta2 * nu + (one_minus_beta2 * g) * g
+    denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
+    update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
+    return p - lr * update, m2, nu
+
+
+@triton.jit
 def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mult, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, b3, one_minus_b3, inv_bc1,
                      inv_sqrt_bc2, alpha_t, eps, weight_decay, first_lo, k0, k1,
@@ -223,11 +235,9 @@ def _ademamix_update(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, offs, n, lr, grad_mul
     if BF16_STATES:
         m2 = _from_bf16_bits(m2)
         nu = _from_bf16_bits(nu)
-    m2 = b3 * m2 + one_minus_b3 * g
-    nu = beta2 * nu + (one_minus_beta2 * g) * g
-    denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
-    update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
-    p = p - lr * update
+    p, m2, nu = _slow_moments_and_param(p, g, m1, m2, nu, lr, beta2, one_minus_beta2, b3,
+                                        one_minus_b3, inv_bc1, inv_sqrt_bc2, alpha_t, eps,
+                                        weight_decay)
     if PARAM_SR:
         p = _round_bf16_sr(p, r1 >> 16)
     tl.store(p_ptr + offs, p, mask=mask)
@@ -463,16 +473,13 @@ def _ademamix_update_8bit(p_ptr, g_ptr, m1_ptr, m2_ptr, nu_ptr, a1_ptr, a2_ptr, 
     m2 = _values_of(tl.load(m2_ptr + offs, mask=mask), tl.load(a2_ptr + blocks, mask=bmask), True)
     nu = _values_of(tl.load(nu_ptr + offs, mask=mask), tl.load(anu_ptr + blocks, mask=bmask),
                     False)
-    m2 = b3 * m2 + one_minus_b3 * g
-    nu = beta2 * nu + (one_minus_beta2 * g) * g
-    denom = tl.sqrt_rn(nu) * inv_sqrt_bc2 + eps
     # the param is loaded last: fewer live values while m1 is requantized
     p = tl.load(p_ptr + offs, mask=mask)
     if PARAM_SR:
         p = _from_bf16_bits(p)
-    p = p.to(tl.float32)
-    update = tl.div_rn(m1 * inv_bc1 + alpha_t * m2, denom) + weight_decay * p  # wd on p before step
-    p = p - lr * update
+    p, m2, nu = _slow_moments_and_param(p.to(tl.float32), g, m1, m2, nu, lr, beta2,
+                                        one_minus_beta2, b3, one_minus_b3, inv_bc1, inv_sqrt_bc2,
+                                        alpha_t, eps, weight_decay)
     r1 = _mix32(e_lo ^ k1)
     if PARAM_SR:
         p = _round_bf16_sr(p, r1 >> 16)
