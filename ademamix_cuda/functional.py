@@ -286,13 +286,8 @@ def _check_rounding(params, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, absmaxs, 
                 raise ValueError(f"{name}[{i}] must be None or empty: params[{i}] has {fallback} "
                                  "states")
         if (quantized or bf16_states) and params[i].dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"bfloat16 and 8-bit states need float32, bfloat16 or float16 params: "
-                            f"params[{i}] is {params[i].dtype}")
-    if bf16_states:
-        for i, p in enumerate(params):
-            if p.dtype not in _KERNEL_DTYPES:
-                raise TypeError(f"bfloat16 states need float32, bfloat16 or float16 params: "
-                                f"params[{i}] is {p.dtype}")
+            raise TypeError(f"{'8-bit' if quantized else 'bfloat16'} states need float32, "
+                            f"bfloat16 or float16 params: params[{i}] is {params[i].dtype}")
     if param_sr:
         for i, p in enumerate(params):
             if p.dtype != torch.bfloat16:
